@@ -1,0 +1,159 @@
+"""Feature maps φ: (..., K) -> (..., F), PAPER §1.6.
+
+Every map is an ``nn.Module`` with ``dim(K) -> F``. Random maps (FAVOR+) own their ``torch.Generator`` and an
+explicit redraw policy, so resampling is never a hidden global side effect: the memory calls ``begin_call()``
+once per forward, and keys and queries of that call share one draw.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import feature_maps
+
+
+class FeatureMap(nn.Module):
+    """Base class: a deterministic, parameter-free map unless a subclass says otherwise."""
+
+    #: True where every feature is >= 0 (tanh is the exception by design).
+    non_negative = True
+
+    def dim(self, d_key: int) -> int:
+        return d_key
+
+    def begin_call(self, d_key: int, device=None, dtype=None) -> None:
+        """Called once per memory forward before keys and queries are mapped (FAVOR+ redraws here)."""
+
+    def seed(self, seed: int) -> None:
+        """Seed the map's own random generator (no-op for deterministic maps)."""
+
+
+@feature_maps.register("identity")
+class Identity(FeatureMap):
+    non_negative = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@feature_maps.register("linear")
+class EluPlusOne(FeatureMap):
+    """Katharopoulos et al. 2020: φ(x) = elu(x) + 1, strictly positive, F = K."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x) + 1.0
+
+
+@feature_maps.register("tanh")
+class Tanh(FeatureMap):
+    """φ(x) = tanh(x): the FWM baseline's map (signed, F = K)."""
+
+    non_negative = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+
+@feature_maps.register("dpfp")
+class DPFP(FeatureMap):
+    """Deterministic parameter-free projection DPFP-ν (PAPER Eqs. 33-37), F = 2·K·ν.
+
+    u = [relu(x); relu(-x)] ∈ R^{2K}; φ = concat_{j=1..ν} u ⊙ roll(u, j). ν must stay below K: a shift of K
+    pairs r(a) with r(-a) and gives identically zero features.
+    """
+
+    def __init__(self, n: int = 1):
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"dpfp: nu must be >= 1, got {n}")
+        self.n = n
+
+    def dim(self, d_key: int) -> int:
+        if self.n >= d_key:
+            raise ValueError(f"dpfp-{self.n}: nu must be < d_key ({d_key}); larger shifts repeat or vanish")
+        return 2 * d_key * self.n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (..., 2K)
+        return torch.cat([u * torch.roll(u, shifts=j, dims=-1) for j in range(1, self.n + 1)], dim=-1)
+
+
+def orthogonal_random_matrix(d: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """Ω ∈ R^{d×m}: orthogonal d×d blocks from QR of Gaussian G, columns scaled by G's row norms (chi_d)."""
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        g = torch.randn(d, d, generator=generator)
+        q, _ = torch.linalg.qr(g)
+        blocks.append(q * g.norm(dim=1)[None, :])  # scale column i by the norm of row i of G
+    return torch.cat(blocks, dim=1)[:, :m]
+
+
+@feature_maps.register("favor")
+class FavorPlus(FeatureMap):
+    """FAVOR+ positive random features (Performer; PAPER Eqs. 31-32), F = 2m.
+
+    φ(x) = exp(-|x|²/2)/√(2m) · [exp(Ωᵀx); exp(-Ωᵀx)], so E[φ(k)·φ(q)] = exp(k·q). No temperature prescale.
+    The exponent is formed before exponentiating (same value, no overflow of exp(Ωᵀx) alone).
+
+    Args:
+        n: m, the number of random projections.
+        redraw: ``"call"`` (a new Ω on every forward call, as the paper ran it), ``"fixed"`` (drawn once), or
+            an int N (a new Ω every N training calls; eval reuses the last draw).
+    """
+
+    def __init__(self, n: int = 64, redraw: str | int = "call", seed: int = 0):
+        super().__init__()
+        if n < 1:
+            raise ValueError(f"favor: m must be >= 1, got {n}")
+        if not (redraw in ("call", "fixed") or (isinstance(redraw, int) and redraw >= 1)):
+            raise ValueError(f"favor: redraw must be 'call', 'fixed' or a positive int, got {redraw!r}")
+        self.m = n
+        self.policy = redraw
+        self.generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("omega", torch.empty(0), persistent=True)
+        self._calls = 0
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def dim(self, d_key: int) -> int:
+        return 2 * self.m
+
+    def redraw(self, d_key: int | None = None) -> None:
+        """Draw a new Ω now."""
+        d = d_key if d_key is not None else self.omega.shape[0]
+        device = self.omega.device
+        self.omega = orthogonal_random_matrix(d, self.m, self.generator).to(device)
+
+    def begin_call(self, d_key: int, device=None, dtype=None) -> None:
+        fresh = self.omega.numel() == 0 or self.omega.shape[0] != d_key
+        if self.policy == "call":
+            due = True
+        elif self.policy == "fixed":
+            due = False
+        else:
+            due = self.training and self._calls % self.policy == 0
+        if self.training:
+            self._calls += 1
+        if fresh or due:
+            self.redraw(d_key)
+        if dtype is not None and self.omega.dtype != dtype:
+            self.omega = self.omega.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.omega.numel() == 0:
+            self.begin_call(x.shape[-1])
+        proj = x @ self.omega.to(x.dtype)  # (..., m)
+        half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
+        scale = 1.0 / math.sqrt(2 * self.m)
+        return scale * torch.cat([torch.exp(proj - half_sq), torch.exp(-proj - half_sq)], dim=-1)
+
+
+def feature_map(name: str, **kwargs) -> FeatureMap:
+    """Build a registered feature map by name (``"dpfp-3"``, ``"favor-64"``, ``"linear"``)."""
+    cls, params = feature_maps.resolve(name)
+    return cls(**{**params, **kwargs})

@@ -1,0 +1,196 @@
+"""Memories: what a retrieval layer stores from a written sequence and returns for a query.
+
+The contract (DESIGN §3)::
+
+    keys (B, L, K)   values (B, L, V)   betas (B, L)   queries (B, Q, K)   ->   retrieved (B, Q, V)
+
+A memory is named by a spec string: ``softmax`` (or any name in the ``memories`` registry), or a composed
+fast-weight memory ``PHI/RULE[/NORM]``. NORM is a key/query normalisation (``none``, ``sum``, ``l2``, or a
+plugin's), optionally followed by ``+attn`` for the attention normaliser z_t; ``attn`` alone means ``none+attn``.
+Without NORM each rule keeps the paper's meaning: ``sum`` is attention-normalised without sum normalisation,
+``delta`` is sum-normalised without the attention normaliser, ``fwm`` uses neither.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..feature_maps import FeatureMap, feature_map
+from ..registry import RegistryError, feature_maps, memories, update_rules
+from ..registry import normalisations as norm_registry
+from .normalisations import EPS  # noqa: F401  (importing registers the built-in normalisations)
+from .reference import reference_loop
+from .rules import UpdateRule
+
+
+class Memory(nn.Module):
+    """Base class of every memory. Subclasses implement ``forward``; ``trace`` is optional."""
+
+    #: names of the per-step gates in (0, 1) the model must pass (``betas`` is the gate named "beta").
+    gates: tuple[str, ...] = ()
+    #: how the model initialises its key/query projections: "paper" (U(±1/√K)) or "xavier".
+    projection_init = "paper"
+
+    def d_dot(self, d_key: int) -> int | None:
+        """Feature dimension F of the state, or None where the memory has no fixed-size state."""
+        return None
+
+    def state_size(self, d_key: int, d_value: int, seq_len: int) -> int:
+        """Floats of state the memory carries after ``seq_len`` writes."""
+        raise NotImplementedError
+
+    def trace(self, keys, values, betas=None, queries=None, **gates) -> dict[str, torch.Tensor] | None:
+        """Per-step diagnostics under no_grad, or None where the memory offers none."""
+        return None
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    phi: str
+    rule: str
+    norm: str
+    attn: bool
+
+    @property
+    def name(self) -> str:
+        norm = "attn" if (self.norm == "none" and self.attn) else self.norm + ("+attn" if self.attn else "")
+        return f"{self.phi}/{self.rule}/{norm}"
+
+
+def parse_spec(spec: str) -> MemorySpec:
+    """Parse ``PHI/RULE[/NORM[+attn]]`` and check every part against its registry."""
+    parts = spec.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise RegistryError(
+            f"memory {spec!r} is neither a registered memory ({', '.join(memories.names())}) "
+            "nor of the form PHI/RULE[/NORM[+attn]]"
+        )
+    phi, rule_name = parts[0], parts[1]
+    feature_maps.resolve(phi)
+    rule_cls = update_rules.get(rule_name)
+    if len(parts) == 2:
+        norm, attn = rule_cls.default_norm, rule_cls.default_attn
+    else:
+        norm, _, extra = parts[2].partition("+")
+        if extra not in ("", "attn"):
+            raise RegistryError(f"memory {spec!r}: only '+attn' may follow the normalisation, got '+{extra}'")
+        attn = extra == "attn" or norm == "attn"
+        norm = "none" if norm == "attn" else norm
+        norm_registry.resolve(norm)
+    if attn and not rule_cls.supports_attn:
+        raise RegistryError(f"memory {spec!r}: rule {rule_name!r} has no attention-normalised form")
+    return MemorySpec(phi, rule_name, norm, attn)
+
+
+class FastWeightMemory(Memory):
+    """φ × update rule × normalisation (PAPER §1): features of keys and queries, then the rule."""
+
+    def __init__(self, phi: FeatureMap, rule: UpdateRule, norm: str = "none", attn: bool = False,
+                 spec: MemorySpec | None = None):
+        super().__init__()
+        self.phi = phi
+        self.rule = rule
+        self.norm_name = norm
+        self.norm = norm_registry.get(norm)
+        self.attn = attn
+        self.spec = spec
+        self.gates = rule.gates
+
+    def d_dot(self, d_key: int) -> int:
+        return self.phi.dim(d_key)
+
+    def state_size(self, d_key: int, d_value: int, seq_len: int) -> int:
+        like = torch.zeros(1)
+        state = self.rule.init_state(1, d_value, self.d_dot(d_key), like, self.attn)
+        return sum(t.numel() for t in state.values())
+
+    def features(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised φ of keys (B, L, F) and queries (B, Q, F); one draw of a random φ serves both."""
+        self.phi.begin_call(keys.shape[-1], keys.device, keys.dtype)
+        return self.norm(self.phi(keys)), self.norm(self.phi(queries))
+
+    def _gates(self, keys, betas, gates):
+        out = dict(gates)
+        if "beta" in self.rule.gates:
+            out["beta"] = betas if betas is not None else keys.new_ones(keys.shape[:2])
+        missing = [g for g in self.rule.gates if g not in out]
+        if missing:
+            raise ValueError(f"memory needs the gates {missing} (rule {self.rule.name!r})")
+        return out
+
+    def forward(self, keys, values, betas=None, queries=None, **gates):
+        k, q = self.features(keys, queries)
+        return self.rule.forward(k, values, q, self._gates(keys, betas, gates), self.attn)
+
+    def reference(self, keys, values, betas=None, queries=None, **gates):
+        """The same read through the naive per-step loop (the spec)."""
+        k, q = self.features(keys, queries)
+        return reference_loop(self.rule, k, values, q, self._gates(keys, betas, gates), self.attn)[0]
+
+    @torch.no_grad()
+    def trace(self, keys, values, betas=None, queries=None, **gates):
+        k, q = self.features(keys, queries)
+        g = self._gates(keys, betas, gates)
+        y, rec = reference_loop(self.rule, k, values, q, g, self.attn, record=True)
+        rec["v"] = values
+        if "beta" in g:
+            rec["beta"] = g["beta"]
+        rec["y"] = y
+        return rec
+
+
+@memories.register("softmax")
+class SoftmaxMemory(Memory):
+    """Softmax attention of each query over the written pairs: y = Σ_t softmax_t(k_t·q/√K) v_t (PAPER E1)."""
+
+    projection_init = "xavier"
+
+    def state_size(self, d_key: int, d_value: int, seq_len: int) -> int:
+        return seq_len * (d_key + d_value)  # a KV cache
+
+    def attention(self, keys, queries):
+        return torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1]), dim=-1)  # (B, Q, L)
+
+    def forward(self, keys, values, betas=None, queries=None, **gates):
+        return self.attention(keys, queries) @ values
+
+    def reference(self, keys, values, betas=None, queries=None, **gates):
+        B, Q, _ = queries.shape
+        out = []
+        for b in range(B):
+            rows = []
+            for i in range(Q):
+                w = torch.stack([keys[b, t] @ queries[b, i] for t in range(keys.shape[1])]) / math.sqrt(
+                    keys.shape[-1])
+                w = torch.exp(w - w.max())
+                rows.append((w[:, None] * values[b]).sum(0) / w.sum())
+            out.append(torch.stack(rows))
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def trace(self, keys, values, betas=None, queries=None, **gates):
+        a = self.attention(keys, queries)
+        entropy = -(a * a.clamp_min(1e-30).log()).sum(-1)  # (B, Q)
+        return {"attn_entropy": entropy, "y": a @ values, "v": values}
+
+
+def memory(spec: str, d_key: int = 64, **kwargs) -> Memory:
+    """Build a memory from its spec string, e.g. ``"dpfp-3/delta"``, ``"linear/sum"``, ``"softmax"``.
+
+    ``d_key`` is checked against the feature map (DPFP-ν needs ν < d_key). Extra kwargs go to the feature map
+    (``redraw=`` for FAVOR+) or to a registered memory's constructor.
+    """
+    if spec in memories.names():
+        mem = memories.get(spec)(**kwargs)
+        mem.spec_name = spec
+        return mem
+    s = parse_spec(spec)
+    phi = feature_map(s.phi, **kwargs)
+    phi.dim(d_key)  # raises on impossible sizes
+    mem = FastWeightMemory(phi, update_rules.get(s.rule)(), s.norm, s.attn, spec=s)
+    mem.spec_name = spec
+    return mem

@@ -1,0 +1,83 @@
+"""The paper's single retrieval layer around any memory (PAPER §2.2), and its loss.
+
+x_t = [onehot(v_t); e(k_t)] ∈ R^{V+E} with a trainable key embedding e of width E = ⌊2.2·S⌋ ~ N(0, 1);
+k_t = W_k x_t ∈ R^K; each gate (β, or any the rule declares) is σ(W_g x_t), one scalar per step; the stored value
+is onehot(v_t) itself (d_v = V, no value projection); the query is q = W_q e(q_key); the read ŷ ∈ R^V.
+
+Since x_t is a one-hot next to an embedding row, W_k x_t is computed as a gather of two tables, W_k's one-hot
+columns and E·W_eᵀ, instead of a GEMM over V + E inputs: the same numbers, a fraction of the work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .memories import Memory, memory
+
+
+class RetrievalModel(nn.Module):
+    """Args:
+    num_keys: S, the key vocabulary. num_values: V (default S). memory: a spec string or a Memory.
+    d_key: K. embed_factor: E = ⌊embed_factor·S⌋ (the official code's 2.2·S).
+    """
+
+    def __init__(self, num_keys: int, memory_spec: str | Memory, d_key: int = 64, num_values: int | None = None,
+                 embed_factor: float = 2.2, **memory_kwargs):
+        super().__init__()
+        self.num_keys, self.num_values = num_keys, num_values or num_keys
+        self.d_key = d_key
+        self.memory = memory(memory_spec, d_key=d_key, **memory_kwargs) if isinstance(memory_spec, str) \
+            else memory_spec
+        E = int(embed_factor * num_keys)
+        if E < 1:
+            raise ValueError(f"embed_factor·num_keys must be >= 1, got {embed_factor}·{num_keys}")
+        V = self.num_values
+        self.embedding = nn.Parameter(torch.randn(num_keys, E))  # N(0, 1), PAPER §2.2
+        self.W_k = nn.Linear(V + E, d_key)
+        self.W_q = nn.Linear(E, d_key)
+        self.gate_names = tuple(self.memory.gates)
+        self.W_g = nn.ModuleDict({g: nn.Linear(V + E, 1) for g in self.gate_names})
+        if self.memory.projection_init == "xavier":
+            nn.init.xavier_uniform_(self.W_k.weight)
+            nn.init.xavier_uniform_(self.W_q.weight)
+        else:  # the official code's U(±1/√d_out) on the key and query weights; biases keep PyTorch's default
+            bound = 1.0 / math.sqrt(d_key)
+            nn.init.uniform_(self.W_k.weight, -bound, bound)
+            nn.init.uniform_(self.W_q.weight, -bound, bound)
+
+    def _project(self, lin: nn.Linear, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """lin([onehot(values); e(keys)]) for (B, L) ids -> (B, L, out), as two gathers."""
+        V = self.num_values
+        w_val = lin.weight[:, :V].t()  # (V, out): the columns a one-hot selects
+        w_key = self.embedding @ lin.weight[:, V:].t()  # (S, out)
+        B, L = keys.shape
+        out = w_val.index_select(0, values.reshape(-1)) + w_key.index_select(0, keys.reshape(-1)) + lin.bias
+        return out.reshape(B, L, -1)
+
+    def inputs(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor):
+        """The memory's inputs for (B, L) ids and (B, Q) query ids: k (B, L, K), v (B, L, V), betas (B, L)
+        or None, q (B, Q, K), and the rule's other gates {name: (B, L)}."""
+        k = self._project(self.W_k, keys, values)
+        v = F.one_hot(values, self.num_values).to(k.dtype)
+        gates = {g: torch.sigmoid(self._project(self.W_g[g], keys, values)[..., 0]) for g in self.gate_names}
+        B, Q = queries.shape
+        q = self.W_q(self.embedding.index_select(0, queries.reshape(-1))).reshape(B, Q, -1)
+        return k, v, gates.pop("beta", None), q, gates
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """keys, values (B, L) ids; queries (B, Q) key ids -> ŷ (B, Q, V)."""
+        k, v, betas, q, gates = self.inputs(keys, values, queries)
+        return self.memory(k, v, betas, q, **gates)
+
+
+def retrieval_loss(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """½·Σ_i (ŷ_i - onehot(target)_i)², averaged over queries (PAPER §2.3). y (..., V), target (...)."""
+    err = y - F.one_hot(target, y.shape[-1]).to(y.dtype)
+    per_query = 0.5 * (err * err).sum(-1)
+    if mask is None:
+        return per_query.mean()
+    return (per_query * mask).sum() / mask.sum().clamp_min(1)

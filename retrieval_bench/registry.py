@@ -1,0 +1,160 @@
+"""One generic registry: built-ins register with a decorator, plugins through entry points.
+
+Each registry maps a name to a factory. Entry points (group ``retrieval_bench.<kind>``) are read lazily: the
+first lookup lists them, and a plugin's module is imported only when its name is asked for, so a broken plugin
+fails only when used, with an error naming its distribution.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+BUILTIN = "built-in"
+
+
+class RegistryError(ValueError):
+    """An unknown name, a name claimed twice, or a plugin that fails to load."""
+
+
+@dataclass
+class _Entry:
+    name: str
+    origin: str  # "built-in" or the distribution that provides it
+    obj: Any = None
+    entry_point: EntryPoint | None = None
+
+
+class Registry:
+    """Names -> factories, with lazy entry-point plugins and close-match errors.
+
+    Args:
+        kind: plural noun used in messages and in the entry-point group (``retrieval_bench.<kind>``).
+        resolver: optional ``name -> (base name, kwargs)`` for parametrised names such as ``dpfp-3``.
+    """
+
+    def __init__(self, kind: str, resolver: Callable[[str], tuple[str, dict]] | None = None):
+        self.kind = kind
+        self.group = f"retrieval_bench.{kind}"
+        self._entries: dict[str, _Entry] = {}
+        self._plugins_loaded = False
+        self._resolver = resolver
+        self._conflicts: dict[str, list[str]] = {}
+
+    # ---- registration -------------------------------------------------------------------------
+    def register(self, name: str, obj: Any = None, origin: str = BUILTIN):
+        """Register ``obj`` under ``name``; used bare (``reg.register("x", cls)``) or as a decorator."""
+
+        def deco(o):
+            self._add(_Entry(name=name, origin=origin, obj=o))
+            return o
+
+        return deco(obj) if obj is not None else deco
+
+    def _add(self, entry: _Entry) -> None:
+        old = self._entries.get(entry.name)
+        if old is not None and not (old.origin == entry.origin and old.obj is entry.obj):
+            self._conflicts.setdefault(entry.name, [old.origin]).append(entry.origin)
+            return
+        self._entries[entry.name] = entry
+
+    def _load_plugins(self) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group=self.group):
+            dist = getattr(ep, "dist", None)
+            origin = dist.name if dist is not None else ep.value
+            self._add(_Entry(name=ep.name, origin=origin, entry_point=ep))
+
+    def add_entry_point(self, ep: EntryPoint, origin: str | None = None) -> None:
+        """Register an entry point by hand (tests use it to fake an installed plugin)."""
+        self._load_plugins()
+        self._add(_Entry(name=ep.name, origin=origin or ep.value, entry_point=ep))
+
+    # ---- lookup -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        self._load_plugins()
+        return sorted(self._entries)
+
+    def origins(self) -> dict[str, str]:
+        self._load_plugins()
+        return {n: e.origin for n, e in sorted(self._entries.items())}
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.resolve(name)
+        except RegistryError:
+            return False
+        return True
+
+    def resolve(self, name: str) -> tuple[Any, dict]:
+        """Return ``(factory, kwargs)`` for a possibly parametrised name; raise with close matches."""
+        self._load_plugins()
+        base, kwargs = name, {}
+        if name not in self._entries and self._resolver is not None:
+            base, kwargs = self._resolver(name)
+        if base in self._conflicts:
+            raise RegistryError(
+                f"{self.kind[:-1]} {base!r} is claimed twice, by {' and '.join(self._conflicts[base])}"
+            )
+        entry = self._entries.get(base)
+        if entry is None:
+            close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise RegistryError(
+                f"unknown {self.kind[:-1].replace('_', ' ')} {name!r}{hint} (known: {', '.join(self.names())})"
+            )
+        if entry.obj is None:
+            try:
+                entry.obj = entry.entry_point.load()
+            except Exception as e:  # a plugin may fail in any way; name who to blame
+                raise RegistryError(
+                    f"{self.kind[:-1]} {base!r} from {entry.origin!r} failed to load "
+                    f"({entry.entry_point.value}): {type(e).__name__}: {e}"
+                ) from e
+        return entry.obj, kwargs
+
+    def get(self, name: str) -> Any:
+        return self.resolve(name)[0]
+
+    def origin(self, name: str) -> str:
+        self._load_plugins()
+        base = name if name in self._entries or self._resolver is None else self._resolver(name)[0]
+        return self._entries[base].origin if base in self._entries else "?"
+
+    @contextmanager
+    def scoped(self) -> Iterator[Registry]:
+        """Let a test register names that vanish afterwards."""
+        saved = (dict(self._entries), dict(self._conflicts), self._plugins_loaded)
+        try:
+            yield self
+        finally:
+            self._entries, self._conflicts, self._plugins_loaded = saved
+
+
+def split_param(name: str) -> tuple[str, dict]:
+    """``"dpfp-3" -> ("dpfp", {"n": 3})``; names without a numeric suffix are returned unchanged."""
+    base, sep, arg = name.rpartition("-")
+    if sep and arg.isdigit():
+        return base, {"n": int(arg)}
+    return name, {}
+
+
+def _import(path: str) -> Any:
+    mod, _, attr = path.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+tasks = Registry("tasks")
+feature_maps = Registry("feature_maps", resolver=split_param)
+update_rules = Registry("update_rules")
+normalisations = Registry("normalisations")
+memories = Registry("memories")
+
+REGISTRIES = {r.kind: r for r in (memories, feature_maps, update_rules, normalisations, tasks)}

@@ -1,0 +1,112 @@
+"""The results store: SQLite, one transaction per finished run, so a killed sweep loses only runs in flight.
+
+Tables (DESIGN §5): ``runs`` (one row a run: axes as flat columns, the full config as JSON), ``curves``
+(long format: run_id, step, split, metric, value), ``diagnostics`` (run_id, step, position, metric, value)
+and ``bench`` (timings from ``retrieval-bench bench``). Only the driver process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RUN_COLUMNS = {
+    "run_id": "TEXT PRIMARY KEY", "experiment": "TEXT", "task": "TEXT", "memory": "TEXT",
+    "num_keys": "INTEGER", "seq_len": "INTEGER", "d_key": "INTEGER", "d_dot": "INTEGER", "seed": "INTEGER",
+    "status": "TEXT", "stop_reason": "TEXT", "steps": "INTEGER", "final_loss": "REAL", "best_loss": "REAL",
+    "final_acc": "REAL", "wall_s": "REAL", "state_size": "INTEGER", "error": "TEXT", "config": "TEXT",
+    "version": "TEXT", "finished_at": "TEXT",
+}
+BENCH_COLUMNS = {
+    "memory": "TEXT", "task": "TEXT", "num_keys": "INTEGER", "seq_len": "INTEGER", "form": "TEXT",
+    "threads": "INTEGER", "batch_size": "INTEGER", "d_key": "INTEGER", "ms_step": "REAL", "ms_eval": "REAL",
+    "peak_mb": "REAL", "max_diff": "REAL", "status": "TEXT", "version": "TEXT", "measured_at": "TEXT",
+}
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{k} {v}" for k, v in RUN_COLUMNS.items())});
+CREATE TABLE IF NOT EXISTS curves (run_id TEXT, step INTEGER, split TEXT, metric TEXT, value REAL);
+CREATE INDEX IF NOT EXISTS curves_run ON curves(run_id);
+CREATE TABLE IF NOT EXISTS diagnostics (run_id TEXT, step INTEGER, position INTEGER, metric TEXT, value REAL);
+CREATE INDEX IF NOT EXISTS diagnostics_run ON diagnostics(run_id);
+CREATE TABLE IF NOT EXISTS bench ({", ".join(f"{k} {v}" for k, v in BENCH_COLUMNS.items())});
+"""
+# Runs with these statuses are final: a rerun of the sweep skips them. "failed" (an exception, a lost worker)
+# is retried.
+FINAL_STATUSES = ("done", "diverged")
+
+
+class Store:
+    """A SQLite results store at ``path`` (created with its schema on first use)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=60)
+        con.execute("PRAGMA journal_mode=WAL")  # readers (report) never block the writing driver
+        return con
+
+    def finished_ids(self, run_ids: Iterable[str] | None = None) -> set[str]:
+        """Ids of runs already stored with a final status."""
+        with self._connect() as con:
+            rows = con.execute(
+                f"SELECT run_id FROM runs WHERE status IN ({','.join('?' * len(FINAL_STATUSES))})",
+                FINAL_STATUSES).fetchall()
+        done = {r[0] for r in rows}
+        return done if run_ids is None else done & set(run_ids)
+
+    def write_run(self, row: dict[str, Any], curves: Iterable[tuple] = (), diagnostics: Iterable[tuple] = ()):
+        """Store one run atomically, replacing any earlier row with the same id (a rerun or a retry)."""
+        row = {k: row.get(k) for k in RUN_COLUMNS}
+        if isinstance(row["config"], dict):
+            row["config"] = json.dumps(row["config"], sort_keys=True)
+        rid = row["run_id"]
+        con = self._connect()
+        try:
+            with con:  # one transaction: all of the run or none of it
+                con.execute("DELETE FROM runs WHERE run_id = ?", (rid,))
+                con.execute("DELETE FROM curves WHERE run_id = ?", (rid,))
+                con.execute("DELETE FROM diagnostics WHERE run_id = ?", (rid,))
+                con.execute(f"INSERT INTO runs ({','.join(row)}) VALUES ({','.join('?' * len(row))})",
+                            tuple(row.values()))
+                con.executemany("INSERT INTO curves VALUES (?, ?, ?, ?, ?)", ((rid, *c) for c in curves))
+                con.executemany("INSERT INTO diagnostics VALUES (?, ?, ?, ?, ?)",
+                                ((rid, *d) for d in diagnostics))
+        finally:
+            con.close()
+
+    def write_bench(self, rows: Iterable[dict[str, Any]]) -> None:
+        rows = [{k: r.get(k) for k in BENCH_COLUMNS} for r in rows]
+        if not rows:
+            return
+        con = self._connect()
+        try:
+            with con:
+                con.executemany(f"INSERT INTO bench ({','.join(BENCH_COLUMNS)}) VALUES "
+                                f"({','.join('?' * len(BENCH_COLUMNS))})", [tuple(r.values()) for r in rows])
+        finally:
+            con.close()
+
+    def load(self, table: str = "runs", experiment: str | None = None) -> pd.DataFrame:
+        """A table as a DataFrame; ``experiment`` filters runs and the rows that belong to them."""
+        if table not in ("runs", "curves", "diagnostics", "bench"):
+            raise ValueError(f"unknown table {table!r}")
+        con = self._connect()
+        try:
+            if experiment is None or table == "bench":
+                return pd.read_sql_query(f"SELECT * FROM {table}", con)
+            if table == "runs":
+                return pd.read_sql_query("SELECT * FROM runs WHERE experiment = ?", con, params=(experiment,))
+            return pd.read_sql_query(
+                f"SELECT t.* FROM {table} t JOIN runs r ON r.run_id = t.run_id WHERE r.experiment = ?",
+                con, params=(experiment,))
+        finally:
+            con.close()
