@@ -77,6 +77,8 @@ def run(experiment, store, workers, threads, sets, dry_run, rerun, executor, add
     except KeyboardInterrupt:
         console.print("interrupted: every finished run is stored; run the same command again to finish.")
         sys.exit(130)
+    except (ConnectionError, ValueError) as e:  # a bad --address, more --cpus-per-run than any node has
+        _fail(str(e))
     finally:
         ex.close()
     _final_table(st, exp.name, console)

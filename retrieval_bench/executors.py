@@ -189,7 +189,7 @@ def make_executor(name: str = "local", workers: int | None = None, threads: int 
         raise ValueError(f"unknown executor {name!r} (known: local, ray)")
     workers = workers or default_workers()
     if workers == 1:
-        return InlineExecutor(threads=threads)
+        return InlineExecutor(threads=threads or 1)
     return LocalExecutor(workers, threads_per_worker=threads or 1)
 
 

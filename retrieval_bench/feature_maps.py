@@ -78,8 +78,46 @@ class DPFP(FeatureMap):
         return 2 * d_key * self.n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (..., 2K)
-        return torch.cat([u * torch.roll(u, shifts=j, dims=-1) for j in range(1, self.n + 1)], dim=-1)
+        return _DPFPFunction.apply(x, self.n)
+
+
+class _DPFPFunction(torch.autograd.Function):
+    """DPFP-ν with a hand-written backward: the same products as ``cat_j u ⊙ roll(u, j)``, written in place
+    instead of through ν rolled copies, ν products and a concatenation (and their autograd), saving only u."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        u = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (..., D), D = 2K
+        D = u.shape[-1]
+        # u_ext = [u_{D-n..D-1}, u, u_{0..n-1}]: roll(u, ±j), j <= n, is a slice of it, not a copy.
+        u_ext = torch.cat([u[..., D - n:], u, u[..., :n]], dim=-1)  # (..., D + 2n)
+        out = u.new_empty(*u.shape[:-1], n, D)
+        for j in range(1, n + 1):  # block j: u_i · u_{(i - j) mod D}
+            torch.mul(u, u_ext[..., n - j: n - j + D], out=out[..., j - 1, :])
+        ctx.save_for_backward(u_ext)
+        ctx.n = n
+        return out.reshape(*u.shape[:-1], n * D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (u_ext,) = ctx.saved_tensors
+        n = ctx.n
+        D = u_ext.shape[-1] - 2 * n
+        g = g.reshape(*u_ext.shape[:-1], n, D)
+        # ∂/∂u_m of Σ_i g_i u_i u_{i-j} = g_m u_{m-j} + g_{m+j} u_{m+j} (indices mod D): rolled u are slices of
+        # u_ext; rolled g are slices of g extended by its first n entries.
+        g_ext = torch.cat([g, g[..., :n]], dim=-1)  # (..., n, D + n)
+        gu = g[..., 0, :] * u_ext[..., n - 1: n - 1 + D]
+        for j in range(1, n + 1):
+            if j > 1:
+                gu.addcmul_(g[..., j - 1, :], u_ext[..., n - j: n - j + D])
+            gu.addcmul_(g_ext[..., j - 1, j: j + D], u_ext[..., n + j: n + j + D])
+        K = D // 2
+        u = u_ext[..., n: n + D]
+        # u = [relu(x); relu(-x)] >= 0, so sign(u) is relu's derivative (0 at x = 0, as torch's); a product,
+        # because torch.where is several times slower here.
+        return gu[..., :K] * torch.sign(u[..., :K]) - gu[..., K:] * torch.sign(u[..., K:]), None
 
 
 def orthogonal_random_matrix(d: int, m: int, generator: torch.Generator) -> torch.Tensor:
@@ -125,6 +163,8 @@ class FavorPlus(FeatureMap):
 
     def redraw(self, d_key: int | None = None) -> None:
         """Draw a new Ω now."""
+        if d_key is None and self.omega.numel() == 0:
+            raise ValueError("favor: the first redraw() needs d_key (no Ω has been drawn yet)")
         d = d_key if d_key is not None else self.omega.shape[0]
         device = self.omega.device
         self.omega = orthogonal_random_matrix(d, self.m, self.generator).to(device)
@@ -147,10 +187,46 @@ class FavorPlus(FeatureMap):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.omega.numel() == 0:
             self.begin_call(x.shape[-1])
-        proj = x @ self.omega.to(x.dtype)  # (..., m)
-        half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
-        scale = 1.0 / math.sqrt(2 * self.m)
-        return scale * torch.cat([torch.exp(proj - half_sq), torch.exp(-proj - half_sq)], dim=-1)
+        omega = self.omega.to(x.dtype)
+        return _FavorFunction.apply(x, torch.cat([omega, -omega], dim=1), 1.0 / math.sqrt(2 * self.m))
+
+
+# exp(z) rounds to exactly 0 in float32 for z <= -104 (e^-104 < 2^-150, half the smallest denormal), yet CPU
+# exp takes a slow path there (4-8x): FAVOR+ exponents at large S lie mostly in that range (‖x‖²/2 ~ 0.35·S).
+_EXP_ZERO_BELOW = -104.0
+
+
+class _FavorFunction(torch.autograd.Function):
+    """scale · exp(x [Ω, -Ω] - ‖x‖²/2): the same numbers as ``scale · cat([exp(xΩ - h), exp(-xΩ - h)])``, from
+    one GEMM into one buffer updated in place, with a backward that saves only x and the output."""
+
+    @staticmethod
+    def forward(ctx, x, omega2, scale):
+        z = x @ omega2  # (..., 2m)
+        z.sub_(0.5 * (x * x).sum(-1, keepdim=True))
+        if z.dtype == torch.float32:
+            keep = z > _EXP_ZERO_BELOW
+            F.threshold_(z, _EXP_ZERO_BELOW, 0.0)  # exp of the rest is 0 anyway: compute exp(0) fast instead
+            phi = torch.where(keep, z.exp_(), 0.0).mul_(scale)
+        else:
+            phi = z.exp_().mul_(scale)
+        ctx.save_for_backward(x, omega2, phi)
+        return phi
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, omega2, phi = ctx.saved_tensors
+        gz = g * phi  # ∂φ/∂z = φ
+        # ∂z/∂x = [Ω, -Ω]ᵀ - x: one GEMM against [Ω, -Ω; 1] gives both terms' reductions over the 2m features.
+        ones = torch.ones(1, omega2.shape[1], dtype=omega2.dtype, device=omega2.device)
+        r = gz @ torch.cat([omega2, ones]).t()  # (..., K + 1)
+        K = x.shape[-1]
+        gx = r[..., :K] - r[..., K:] * x
+        gomega = None
+        if ctx.needs_input_grad[1]:
+            gomega = x.reshape(-1, K).t() @ gz.reshape(-1, gz.shape[-1])
+        return gx, gomega, None
 
 
 def feature_map(name: str, **kwargs) -> FeatureMap:

@@ -28,7 +28,10 @@ class RetrievalModel(nn.Module):
     def __init__(self, num_keys: int, memory_spec: str | Memory, d_key: int = 64, num_values: int | None = None,
                  embed_factor: float = 2.2, **memory_kwargs):
         super().__init__()
-        self.num_keys, self.num_values = num_keys, num_values or num_keys
+        self.num_keys = num_keys
+        self.num_values = num_keys if num_values is None else num_values
+        if num_keys < 1 or self.num_values < 1:
+            raise ValueError(f"num_keys and num_values must be >= 1, got {num_keys} and {self.num_values}")
         self.d_key = d_key
         self.memory = memory(memory_spec, d_key=d_key, **memory_kwargs) if isinstance(memory_spec, str) \
             else memory_spec
@@ -49,23 +52,31 @@ class RetrievalModel(nn.Module):
             nn.init.uniform_(self.W_k.weight, -bound, bound)
             nn.init.uniform_(self.W_q.weight, -bound, bound)
 
-    def _project(self, lin: nn.Linear, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """lin([onehot(values); e(keys)]) for (B, L) ids -> (B, L, out), as two gathers."""
+    def _project(self, lins: list[nn.Linear], keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Every lin([onehot(values); e(keys)]) for (B, L) ids, stacked -> (B, L, Σ out), as two gathers."""
         V = self.num_values
-        w_val = lin.weight[:, :V].t()  # (V, out): the columns a one-hot selects
-        w_key = self.embedding @ lin.weight[:, V:].t()  # (S, out)
-        B, L = keys.shape
-        out = w_val.index_select(0, values.reshape(-1)) + w_key.index_select(0, keys.reshape(-1)) + lin.bias
-        return out.reshape(B, L, -1)
+        weight = torch.cat([lin.weight for lin in lins]) if len(lins) > 1 else lins[0].weight  # (out, V+E)
+        bias = torch.cat([lin.bias for lin in lins]) if len(lins) > 1 else lins[0].bias
+        # One table for the key and every gate: a gate alone would be an (S, E) x (E, 1) mat-vec, slow on CPU.
+        w_val = weight[:, :V].t().contiguous()  # (V, out): the columns a one-hot selects, as contiguous rows
+        w_key = torch.addmm(bias, self.embedding, weight[:, V:].t())  # (S, out), the bias folded in
+        return F.embedding(values, w_val) + F.embedding(keys, w_key)
 
     def inputs(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor):
         """The memory's inputs for (B, L) ids and (B, Q) query ids: k (B, L, K), v (B, L, V), betas (B, L)
         or None, q (B, Q, K), and the rule's other gates {name: (B, L)}."""
-        k = self._project(self.W_k, keys, values)
-        v = F.one_hot(values, self.num_values).to(k.dtype)
-        gates = {g: torch.sigmoid(self._project(self.W_g[g], keys, values)[..., 0]) for g in self.gate_names}
+        proj = self._project([self.W_k, *(self.W_g[g] for g in self.gate_names)], keys, values)  # (B, L, K+G)
+        K = self.d_key
+        k = proj[..., :K]
+        gates = {g: torch.sigmoid(proj[..., K + i]) for i, g in enumerate(self.gate_names)}
+        # onehot(values) written straight as floats: F.one_hot would first build it in int64 (8 bytes each).
+        v = torch.zeros(*values.shape, self.num_values, dtype=k.dtype, device=k.device)
+        v.scatter_(-1, values.unsqueeze(-1), 1.0)
         B, Q = queries.shape
-        q = self.W_q(self.embedding.index_select(0, queries.reshape(-1))).reshape(B, Q, -1)
+        if B * Q > self.num_keys:  # many queries (evaluation): project the S embedding rows once, then gather
+            q = F.embedding(queries, torch.addmm(self.W_q.bias, self.embedding, self.W_q.weight.t()))
+        else:
+            q = self.W_q(self.embedding.index_select(0, queries.reshape(-1))).reshape(B, Q, -1)
         return k, v, gates.pop("beta", None), q, gates
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ fails only when used, with an error naming its distribution.
 from __future__ import annotations
 
 import difflib
-import importlib
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,8 +38,11 @@ class Registry:
         resolver: optional ``name -> (base name, kwargs)`` for parametrised names such as ``dpfp-3``.
     """
 
-    def __init__(self, kind: str, resolver: Callable[[str], tuple[str, dict]] | None = None):
+    def __init__(self, kind: str, singular: str | None = None,
+                 resolver: Callable[[str], tuple[str, dict]] | None = None):
         self.kind = kind
+        plain = kind.replace("_", " ")
+        self.singular = singular or (plain[:-3] + "y" if plain.endswith("ies") else plain.rstrip("s"))
         self.group = f"retrieval_bench.{kind}"
         self._entries: dict[str, _Entry] = {}
         self._plugins_loaded = False
@@ -101,21 +104,23 @@ class Registry:
             base, kwargs = self._resolver(name)
         if base in self._conflicts:
             raise RegistryError(
-                f"{self.kind[:-1]} {base!r} is claimed twice, by {' and '.join(self._conflicts[base])}"
+                f"{self.singular} {base!r} is claimed twice, by {' and '.join(self._conflicts[base])}"
             )
         entry = self._entries.get(base)
+        if entry is not None and kwargs and entry.obj is not None and not _accepts(entry.obj, kwargs):
+            entry = None  # "linear-2": a parameter on a map that takes none is no such name
         if entry is None:
             close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise RegistryError(
-                f"unknown {self.kind[:-1].replace('_', ' ')} {name!r}{hint} (known: {', '.join(self.names())})"
+                f"unknown {self.singular} {name!r}{hint} (known: {', '.join(self.names())})"
             )
         if entry.obj is None:
             try:
                 entry.obj = entry.entry_point.load()
             except Exception as e:  # a plugin may fail in any way; name who to blame
                 raise RegistryError(
-                    f"{self.kind[:-1]} {base!r} from {entry.origin!r} failed to load "
+                    f"{self.singular} {base!r} from {entry.origin!r} failed to load "
                     f"({entry.entry_point.value}): {type(e).__name__}: {e}"
                 ) from e
         return entry.obj, kwargs
@@ -131,7 +136,7 @@ class Registry:
     @contextmanager
     def scoped(self) -> Iterator[Registry]:
         """Let a test register names that vanish afterwards."""
-        saved = (dict(self._entries), dict(self._conflicts), self._plugins_loaded)
+        saved = (dict(self._entries), {k: list(v) for k, v in self._conflicts.items()}, self._plugins_loaded)
         try:
             yield self
         finally:
@@ -146,15 +151,19 @@ def split_param(name: str) -> tuple[str, dict]:
     return name, {}
 
 
-def _import(path: str) -> Any:
-    mod, _, attr = path.partition(":")
-    return getattr(importlib.import_module(mod), attr)
+def _accepts(factory: Any, kwargs: dict) -> bool:
+    """Whether ``factory`` names every parameter in ``kwargs`` (``**kwargs`` catch-alls do not count)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(k in params for k in kwargs)
 
 
-tasks = Registry("tasks")
-feature_maps = Registry("feature_maps", resolver=split_param)
-update_rules = Registry("update_rules")
-normalisations = Registry("normalisations")
-memories = Registry("memories")
+tasks = Registry("tasks", "task")
+feature_maps = Registry("feature_maps", "feature map", resolver=split_param)
+update_rules = Registry("update_rules", "update rule")
+normalisations = Registry("normalisations", "normalisation")
+memories = Registry("memories", "memory")
 
 REGISTRIES = {r.kind: r for r in (memories, feature_maps, update_rules, normalisations, tasks)}

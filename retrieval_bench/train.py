@@ -92,6 +92,8 @@ def train_run(cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None 
         lv = loss.item()
         if not math.isfinite(lv):
             status, reason = "diverged", f"non-finite training loss at step {step}"
+            if tracker is not None:
+                diags += [(step, *r) for r in tracker.update(step, [], loss=lv)]
             break
         train_sum += lv
         opt.step()

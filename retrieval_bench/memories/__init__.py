@@ -64,6 +64,8 @@ class MemorySpec:
 def parse_spec(spec: str) -> MemorySpec:
     """Parse ``PHI/RULE[/NORM[+attn]]`` and check every part against its registry."""
     parts = spec.split("/")
+    if len(parts) == 1:
+        memories.resolve(spec)  # raises with close matches among the registered memories
     if len(parts) not in (2, 3) or not all(parts):
         raise RegistryError(
             f"memory {spec!r} is neither a registered memory ({', '.join(memories.names())}) "

@@ -1,4 +1,4 @@
-"""Update rules: the step function of each rule (the spec that ``reference.py`` loops over) and its training form.
+"""Update rules: each rule's step function (the spec that ``reference.py`` loops over) and its training form.
 
 Orientation follows the paper: the fast weight W ∈ R^{V×F}, written with outer products v ⊗ φ(k) and read as
 W φ(q). Inputs to every method are features already mapped by φ and normalised:
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import update_rules
+from .chunked import delta_chunkwise, delta_query_read, fwm_state, sum_read
 from .normalisations import EPS
 
 State = dict[str, torch.Tensor]
@@ -23,8 +24,8 @@ class UpdateRule:
     """Base class of update rules.
 
     Class attributes:
-        gates: per-step scalar inputs in (0, 1) that the model must provide, e.g. ``("beta",)``. The model makes
-            one sigmoid gate per name, so a rule needing a decay declares ``("beta", "alpha")``.
+        gates: per-step scalar inputs in (0, 1) that the model must provide, e.g. ``("beta",)``. The model
+            makes one sigmoid gate per name, so a rule needing a decay declares ``("beta", "alpha")``.
         default_norm: the key/query normalisation used when a memory name gives none.
         default_attn: whether the attention normaliser is on when a memory name gives no normalisation.
         supports_attn: whether the rule has an attention-normalised form.
@@ -75,7 +76,8 @@ def _outer(v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 @update_rules.register("sum")
 class SumRule(UpdateRule):
-    """Purely additive write, W_t = W_{t-1} + v_t ⊗ φ(k_t) (PAPER Eqs. 15-19); attention-normalised by default."""
+    """Purely additive write, W_t = W_{t-1} + v_t ⊗ φ(k_t) (PAPER Eqs. 15-19); attention-normalised by
+    default."""
 
     name = "sum"
     gates = ()
@@ -91,11 +93,7 @@ class SumRule(UpdateRule):
 
     def forward(self, k, v, q, gates, attn):
         # y = Σ_t v_t (φ(k_t)·φ(q)) [/ Σ_t φ(k_t)·φ(q)]: a weighted sum of L values, no V×F state.
-        scores = q @ k.transpose(1, 2)  # (B, Q, L)
-        y = scores @ v
-        if attn:
-            y = y / (scores.sum(-1, keepdim=True) + EPS)
-        return y
+        return sum_read(k, v, q, EPS if attn else None)
 
 
 def attn_key_denominators(k: torch.Tensor) -> torch.Tensor:
@@ -112,7 +110,8 @@ def attn_key_denominators(k: torch.Tensor) -> torch.Tensor:
 
 @update_rules.register("delta")
 class DeltaRule(UpdateRule):
-    """The paper's delta rule (Eqs. 20-25): W_t = W_{t-1} + β_t (v_t - W_{t-1}φ_t) ⊗ φ_t, read after the write.
+    """The paper's delta rule (Eqs. 20-25): W_t = W_{t-1} + β_t (v_t - W_{t-1}φ_t) ⊗ φ_t, read after the
+    write.
 
     Sum-normalised φ by default ("ours" in the official code). With the attention normaliser (§1.5):
     v̄_t = W_{t-1}φ_t / (z_{t-1}·φ_t) and y = W φ(q) / (z·φ(q) + eps).
@@ -136,18 +135,29 @@ class DeltaRule(UpdateRule):
 
     def forward(self, k, v, q, gates, attn):
         beta = gates["beta"]
-        read_k = k / attn_key_denominators(k)[..., None] if attn else k
-        y = delta_query_backward(k, read_k, v, beta, q)
+        # The attention-normalised rule is the generalised delta rule with read key b_t = φ_t / c_t (§1.5).
+        rho = attn_key_denominators(k).reciprocal() if attn else None
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (k, v, beta, q))
+        if not grad and q.shape[1] > v.shape[-1]:
+            # Many queries (evaluation): building W (B, V, F) once costs O(L·V·F) against O(Q·L·F) for
+            # carrying every query backwards; both are exact.
+            read_k = None if rho is None else k * rho[..., None]
+            W = delta_chunkwise(k, v, beta, None, read_k=read_k)[1]
+            y = q @ W.transpose(1, 2)
+        else:
+            y = delta_query_read(k, v, beta, q, rho)
         if attn:
             y = y / ((q * k.sum(1)[:, None, :]).sum(-1, keepdim=True) + EPS)
         return y
 
 
 def delta_query_backward(a, b, v, beta, q):
-    """Read of the generalised delta rule W_t = W_{t-1}(I - β_t b_t a_tᵀ) + β_t v_t a_tᵀ, without W.
+    """Read of the generalised delta rule W_t = W_{t-1}(I - β_t b_t a_tᵀ) + β_t v_t a_tᵀ, without W: the plain
+    step-by-step form of ``chunked.delta_query_read`` (which the training form uses), kept as a readable spec.
 
-    Unrolled, W_L q = Σ_t β_t v_t (a_t·c_t) with c_L = q and c_{t-1} = c_t - β_t b_t (a_t·c_t): the query travels
-    backwards through the writes as an F-vector. a, b (B, L, F), v (B, L, V), beta (B, L), q (B, Q, F).
+    Unrolled, W_L q = Σ_t β_t v_t (a_t·c_t) with c_L = q and c_{t-1} = c_t - β_t b_t (a_t·c_t): the query
+    travels backwards through the writes as an F-vector. a, b (B, L, F), v (B, L, V), beta (B, L),
+    q (B, Q, F).
     """
     c = q
     y = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
@@ -164,8 +174,9 @@ def delta_query_backward(a, b, v, beta, q):
 class FWMRule(UpdateRule):
     """Fast Weight Memory (Schlag, Munkhdalai & Schmidhuber 2021; PAPER §1.8).
 
-    W_1 = β_1 v_1 ⊗ φ_1; then the delta write followed by W ← W / max(1, ‖W‖_F); read LayerNorm(W φ(q)) without
-    affine parameters (eps 1e-5). The norm clipping admits no parallel form, so training runs the loop.
+    W_1 = β_1 v_1 ⊗ φ_1; then the delta write followed by W ← W / max(1, ‖W‖_F); read LayerNorm(W φ(q))
+    without affine parameters (eps 1e-5). The norm clipping admits no parallel form, so training runs the loop
+    (``chunked.fwm_state``, whose backward recomputes states from checkpoints instead of storing them).
     """
 
     name = "fwm"
@@ -185,6 +196,11 @@ class FWMRule(UpdateRule):
 
     def read(self, state, q, attn):
         y = torch.einsum("bvf,bqf->bqv", state["W"], q)
+        return F.layer_norm(y, y.shape[-1:], eps=1e-5)
+
+    def forward(self, k, v, q, gates, attn):
+        # The loop itself, with a backward that recomputes states from O(√L) checkpoints (chunked.fwm_state).
+        y = q @ fwm_state(k, v, gates["beta"]).transpose(1, 2)  # (B, Q, V)
         return F.layer_norm(y, y.shape[-1:], eps=1e-5)
 
 

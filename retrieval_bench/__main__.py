@@ -1,0 +1,4 @@
+"""``python -m retrieval_bench`` is the ``retrieval-bench`` command."""
+from .cli import main
+
+main()

@@ -1,0 +1,417 @@
+"""Speed and memory of each memory's fast form against its reference loop (DESIGN §4, §8).
+
+``run_bench`` times, in one process, one full training step (forward, backward, Adam step on
+``RetrievalModel``) and one evaluation (the task's whole eval set under no_grad) per memory and size, for the
+fast form and for the reference form (``FastWeightMemory.reference``: the per-step loop of ``reference.py``),
+alternating the two forms repeat by repeat so that machine noise hits both alike. It also checks that the two
+forms agree: the maximum absolute difference of outputs and gradients (wrt keys, values, gates and queries).
+
+Peak memory is the kernel's own high-water mark of the resident set (VmHWM in /proc/self/status), reset
+just before a training step with ``/proc/self/clear_refs`` after returning the allocator's free memory to the
+OS, so ``peak_mb`` is the step's largest resident-memory increase above the process's live memory, allocator
+fragmentation included. Where clear_refs cannot be written, a thread samples the resident set every 0.5 ms
+instead (which can miss spikes shorter than that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import gc
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import click
+import torch
+
+from .memories import FastWeightMemory, Memory, SoftmaxMemory
+from .model import RetrievalModel, retrieval_loss
+from .tasks import task as make_task
+
+ROW_KEYS = ("memory", "task", "num_keys", "seq_len", "form", "threads", "batch_size", "d_key", "ms_step",
+            "ms_eval", "peak_mb", "max_diff", "max_rel_diff", "diff_seq_len", "status", "version",
+            "measured_at")
+
+# Python-level steps a reference evaluation may take before it is skipped as too slow to repeat (the softmax
+# reference loops over every sequence, query and position: 2.4 million iterations at S = 600).
+REFERENCE_MAX_EVAL_STEPS = 100_000
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+# ---------------------------------------------------------------------------------------------------- malloc
+def _libc():
+    if platform.system() != "Linux":
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        lib.mallopt  # noqa: B018  (glibc only: musl has no mallopt)
+        return lib
+    except (OSError, AttributeError):
+        return None
+
+
+def tune_malloc() -> bool:
+    """Keep freed tensor memory in the process instead of returning it to the OS (glibc only).
+
+    By default glibc serves allocations of 32 MB and more with mmap and unmaps them on free, so every training
+    step faults in (and zeroes) its large tensors afresh; on this kind of VM that made a 30 MB elementwise op
+    4-5x slower than the op itself. Disabling mmap for allocations (they then come from the heap) and never
+    trimming the heap's top lets the next step reuse the same pages. Call it once per worker process, before
+    training. The cost: the process keeps its high-water mark of memory.
+
+    Returns:
+        True where the settings took effect (glibc), else False.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # the largest glibc accepts; also stops its dynamic raise
+    ok &= libc.mallopt(_M_MMAP_MAX, 0)
+    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    return bool(ok)
+
+
+def _malloc_trim() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mb(fn) -> float | None:
+    """Largest increase of the resident set (MB) above the live memory while ``fn()`` runs; None off Linux."""
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    gc.collect()
+    _malloc_trim()  # return cached free memory, so that the step must fault in whatever it uses
+    base = _rss_bytes()
+    if _reset_hwm():
+        fn()
+        return (_hwm_bytes() - base) / 2**20
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return (max(peak[0], _rss_bytes()) - base) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------- forms
+@contextlib.contextmanager
+def reference_form(memory: Memory) -> Iterator[None]:
+    """Within the block, ``memory.forward`` is its reference loop (``memory.reference``)."""
+    memory.forward = memory.reference  # an instance attribute shadows the class's forward for nn.Module calls
+    try:
+        yield
+    finally:
+        del memory.forward
+
+
+def reference_bytes(memory: Memory, batch: int, seq_len: int, num_queries: int, d_key: int,
+                    d_value: int) -> int:
+    """Estimated autograd memory of the reference loop's training step (bytes).
+
+    The fast-weight loop keeps each step's V×F state (FWM two: before and after clipping); the factor 2 covers
+    the temporaries alive at the same time. The softmax reference keeps a graph node per scalar dot product.
+    """
+    if isinstance(memory, FastWeightMemory):
+        per_step = 2 if memory.rule.name == "fwm" else 1
+        return 2 * per_step * seq_len * batch * d_value * memory.d_dot(d_key) * 4
+    if isinstance(memory, SoftmaxMemory):
+        return batch * num_queries * seq_len * 1024
+    return 0
+
+
+def _reference_eval_steps(memory: Memory, num_seqs: int, seq_len: int, num_queries: int) -> int:
+    return num_seqs * num_queries * seq_len if isinstance(memory, SoftmaxMemory) else seq_len
+
+
+def form_difference(model: RetrievalModel, keys: torch.Tensor, values: torch.Tensor,
+                    queries: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """Max |fast - reference| over the memory's output and its gradients wrt keys, values, gates and queries.
+
+    The memory's inputs come from the model (so they are what training feeds it); a random output gradient
+    weighs every output. Random feature maps get the same draw for both forms.
+
+    Returns:
+        (max absolute difference, max over tensors of (max abs difference / max abs reference value)).
+    """
+    mem = model.memory
+    with torch.no_grad():
+        k, v, betas, q, gates = model.inputs(keys, values, queries)
+    leaves = [k, v, q] + ([betas] if betas is not None else []) + list(gates.values())
+    leaves = [x.detach().requires_grad_() for x in leaves]
+    k, v, q = leaves[:3]
+    betas = leaves[3] if betas is not None else None
+    gates = dict(zip(gates, leaves[3 + (betas is not None):], strict=True))
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for form in (mem.forward, mem.reference):
+        if isinstance(mem, FastWeightMemory):
+            mem.phi.seed(seed)
+        y = form(k, v, betas, q, **gates)
+        gy = torch.randn(y.shape, generator=g, dtype=y.dtype)
+        g.manual_seed(seed)
+        outs.append([y.detach(), *torch.autograd.grad(y, leaves, gy, allow_unused=True)])
+    abs_diff = rel_diff = 0.0
+    for fast, ref in zip(*outs, strict=True):
+        if fast is None or ref is None:
+            continue
+        d = (fast - ref).abs().max().item() if fast.numel() else 0.0
+        abs_diff = max(abs_diff, d)
+        rel_diff = max(rel_diff, d / max(ref.abs().max().item(), 1e-30))
+    return abs_diff, rel_diff
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+def _median_ms(times: list[float]) -> float | None:
+    return statistics.median(times) * 1e3 if times else None
+
+
+def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", threads: int = 2,
+              repeat: int = 5, batch_size: int = 32, d_key: int = 64, include_reference: bool = True,
+              reference_max_bytes: int = 4 * 2**30, warmup: int = 1, seed: int = 0,
+              malloc_tuned: bool = True) -> list[dict]:
+    """Time a training step and an evaluation per memory and size, fast form against reference loop.
+
+    Args:
+        memories: memory specs, e.g. ``["dpfp-3/delta", "softmax"]``.
+        num_keys: the S values; the task sets L (capacity: L = S; overwrite: L = 2S).
+        task: a registered task name. threads: torch intra-op threads while timing.
+        repeat: timed repeats per form (medians are reported); ``warmup`` untimed ones go first.
+        batch_size: B of the training step. d_key: K.
+        include_reference: also time the reference form (and check that the forms agree).
+        reference_max_bytes: the reference is skipped where its estimated autograd memory exceeds this.
+        seed: seeds the batches, the eval set and (without touching the global RNG) the model's init.
+        malloc_tuned: call ``tune_malloc()`` first, as the sweep's workers do (a process-wide setting).
+
+    Returns:
+        One dict per memory, size and form, with keys ``ROW_KEYS``: ``ms_step``/``ms_eval`` are medians,
+        ``peak_mb`` the training step's peak resident-memory increase, ``max_diff``/``max_rel_diff`` the
+        forms' largest disagreement (measured at ``diff_seq_len``, which is smaller than ``seq_len`` where the
+        reference does not fit there), ``status`` ``"ok"`` or ``"skipped: <why>"``.
+    """
+    from . import __version__
+
+    if malloc_tuned:
+        tune_malloc()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows = []
+    try:
+        for spec in memories:
+            for S in num_keys:
+                rows.extend(_bench_one(spec, S, task, threads, repeat, batch_size, d_key, include_reference,
+                                       reference_max_bytes, warmup, seed))
+    finally:
+        torch.set_num_threads(old_threads)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    for row in rows:
+        row.update(version=__version__, measured_at=stamp)
+    return [{k: row.get(k) for k in ROW_KEYS} for row in rows]
+
+
+def _make_model(spec: str, S: int, d_key: int, seed: int, num_values: int) -> RetrievalModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return RetrievalModel(S, spec, d_key=d_key, num_values=num_values)
+
+
+def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_reference, reference_max_bytes,
+               warmup, seed):
+    tk = make_task(task_name, num_keys=S)
+    L, V = tk.seq_len, tk.num_values
+    g = torch.Generator().manual_seed(seed)
+    batches = [tk.sample(batch_size, g) for _ in range(warmup + repeat + 1)]
+    ev = tk.eval_set(g)
+    base = _make_model(spec, S, d_key, seed, V)
+    forms = {"fast": base}
+    status = {"fast": "ok"}
+    diff, diff_len = (None, None), None
+    if include_reference:
+        mem = base.memory
+        need = reference_bytes(mem, batch_size, L, 1, d_key, V)
+        if not hasattr(mem, "reference"):
+            status["reference"] = "skipped: the memory has no reference form"
+        elif need > reference_max_bytes:
+            status["reference"] = (f"skipped: the reference would need ~{need / 2**30:.1f} GiB "
+                                   f"(cap {reference_max_bytes / 2**30:.1f} GiB)")
+        else:
+            status["reference"] = "ok"
+            forms["reference"] = copy.deepcopy(base)
+        if hasattr(mem, "reference"):
+            diff, diff_len = _difference(spec, S, tk, batches[0], d_key, seed, reference_max_bytes)
+    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in forms.items()}
+    eval_ok = {name: True for name in forms}
+    steps = _reference_eval_steps(base.memory, ev.queries.shape[0], L, ev.queries.shape[1])
+    if "reference" in forms and steps > REFERENCE_MAX_EVAL_STEPS:
+        eval_ok["reference"] = False
+        status["reference"] = f"ok (eval skipped: ~{steps:,} python steps)"
+
+    def train_step(name, batch):
+        model, opt = forms[name], opts[name]
+        ctx = reference_form(model.memory) if name == "reference" else contextlib.nullcontext()
+        with ctx:
+            y = model(batch.keys, batch.values, batch.query[:, None])[:, 0]
+            loss = retrieval_loss(y, batch.target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def evaluate(name):
+        model = forms[name]
+        ctx = reference_form(model.memory) if name == "reference" else contextlib.nullcontext()
+        with ctx, torch.no_grad():
+            y = model(ev.keys, ev.values, ev.queries)
+            retrieval_loss(y, ev.targets, ev.mask)
+
+    step_t = {name: [] for name in forms}
+    eval_t = {name: [] for name in forms}
+    for i in range(warmup + repeat):
+        for name in forms:  # alternate forms within each repeat, so that drifts in machine load hit both
+            t0 = time.perf_counter()
+            train_step(name, batches[i])
+            t1 = time.perf_counter()
+            if eval_ok[name]:
+                evaluate(name)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                step_t[name].append(t1 - t0)
+                if eval_ok[name]:
+                    eval_t[name].append(t2 - t1)
+    peak = {name: peak_memory_mb(lambda name=name: train_step(name, batches[-1])) for name in forms}
+    rows = []
+    for name in ("fast", "reference"):
+        if name not in status:
+            continue
+        rows.append({
+            "memory": spec, "task": task_name, "num_keys": S, "seq_len": L, "form": name, "threads": threads,
+            "batch_size": batch_size, "d_key": d_key, "ms_step": _median_ms(step_t.get(name, [])),
+            "ms_eval": _median_ms(eval_t.get(name, [])), "peak_mb": peak.get(name),
+            "max_diff": diff[0], "max_rel_diff": diff[1], "diff_seq_len": diff_len, "status": status[name],
+        })
+    return rows
+
+
+def _difference(spec, S, tk, batch, d_key, seed, max_bytes):
+    """Forms' disagreement on one training batch: at full size where the reference fits in ``max_bytes``,
+    else on fewer sequences, else on a prefix of every sequence (the query then reads a shorter memory)."""
+    model = _make_model(spec, S, d_key, seed, tk.num_values)
+    keys, values, query = batch.keys, batch.values, batch.query[:, None]
+    B, L = keys.shape
+    per_seq = reference_bytes(model.memory, 1, L, 1, d_key, tk.num_values)
+    if per_seq * B > max_bytes:
+        B = max(1, min(B, int(max_bytes // max(per_seq, 1))))
+        keys, values, query = keys[:B], values[:B], query[:B]
+    if per_seq * B > max_bytes:
+        L = max(1, int(L * max_bytes / (per_seq * B)))
+        keys, values = keys[:, :L], values[:, :L]
+    d = form_difference(model, keys, values, query, seed)
+    return d, L
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def _fmt(x, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table, one line per memory, size and form."""
+    cols = [("memory", "memory", "s"), ("task", "task", "s"), ("S", "num_keys", "d"), ("L", "seq_len", "d"),
+            ("form", "form", "s"), ("thr", "threads", "d"), ("ms/step", "ms_step", ".1f"),
+            ("ms/eval", "ms_eval", ".1f"), ("peak MB", "peak_mb", ".0f"), ("max diff", "max_diff", ".1e"),
+            ("rel diff", "max_rel_diff", ".1e"), ("diff@L", "diff_seq_len", "d"), ("status", "status", "s")]
+    table = [[h for h, _, _ in cols]] + [[_fmt(r.get(k), f) for _, k, f in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    numeric = [f != "s" for _, _, f in cols]
+    lines = []
+    for j, line in enumerate(table):
+        cells = [c.rjust(w) if num and j else c.ljust(w)
+                 for c, w, num in zip(line, widths, numeric, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def max_difference(rows: list[dict]) -> float | None:
+    """The largest ``max_diff`` over the rows, or None where no reference was compared."""
+    diffs = [r["max_diff"] for r in rows if r.get("max_diff") is not None]
+    return max(diffs) if diffs else None
+
+
+DEFAULT_MEMORIES = ("softmax", "dpfp-3/sum", "dpfp-3/delta", "favor-512/sum")
+
+
+@click.command("bench")
+@click.option("--memory", "memories", multiple=True, default=DEFAULT_MEMORIES, show_default=True,
+              help="Memory spec; repeat the option for several.")
+@click.option("--num-keys", "num_keys", multiple=True, type=int, default=(600,), show_default=True,
+              help="S; repeat the option for several.")
+@click.option("--task", default="capacity", show_default=True, help="Task (sets L from S).")
+@click.option("--threads", default=2, show_default=True, help="Torch threads while timing.")
+@click.option("--repeat", default=5, show_default=True, help="Timed repeats per form (medians reported).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--d-key", default=64, show_default=True)
+@click.option("--no-reference", is_flag=True, help="Time only the fast forms.")
+@click.option("--store", "store_path", type=click.Path(dir_okay=False), default=None,
+              help="Also append the rows to this results store (SQLite).")
+def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path):
+    """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
+    rows = run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat,
+                     batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
+    click.echo(format_table(rows))
+    worst = max_difference(rows)
+    if worst is not None:
+        click.echo(f"max |fast - reference| over outputs and gradients: {worst:.2e}")
+    click.echo("peak MB: the training step's peak resident-memory increase above the live memory (VmHWM)")
+    if store_path is not None:
+        try:
+            from .store import Store
+        except ImportError:
+            click.echo("note: retrieval_bench.store is not available; the rows were not stored")
+            return
+        Store(store_path).write_bench(rows)
+        click.echo(f"stored {len(rows)} rows in {store_path}")

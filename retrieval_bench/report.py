@@ -1,0 +1,560 @@
+"""Figures, tables and report.md from the results store: capacity (paper Fig. 2), learning curves (Fig. 3),
+stability, contrast and speed.
+
+Figure functions are pure (DataFrames in, a ``matplotlib.figure.Figure`` out, never pyplot, so nothing is
+shown or kept alive); ``write_report`` does the I/O. A diverged or failed run is an x at the top of its axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import blended_transform_factory
+
+from .colors import memory_color, palette
+
+__all__ = ["NoDataError", "load_frames", "capacity_figure", "learning_curves_figure", "stability_figure",
+           "contrast_figure", "bench_figure", "capacity_table", "final_loss_table", "write_report",
+           "memory_color"]
+
+log = logging.getLogger(__name__)
+
+SINGLE, DOUBLE = 3.25, 6.75  # paper column widths, inches
+FAILED = ("diverged", "failed")
+LOG_FLOOR = 1e-8  # a loss of exactly 0 has no place on a log axis: it is drawn at this floor
+SCHEMA = {  # the columns every loaded frame has, whatever the store holds
+    "runs": "run_id experiment task memory num_keys seq_len d_key d_dot seed status steps final_loss "
+    "best_loss final_acc wall_s config version finished_at",
+    "curves": "run_id step split metric value",
+    "diagnostics": "run_id step position metric value",
+    "bench": "memory num_keys seq_len form threads ms_step ms_eval peak_mb max_diff status",
+}
+NUMERIC = set("num_keys seq_len d_key d_dot seed steps final_loss best_loss final_acc wall_s step position "
+              "value threads ms_step ms_eval peak_mb max_diff".split())
+# Diagnostics panels: (metrics, the first present wins; y label; x axis; y scale: "auto" = log if it spans
+# decades)
+STABILITY = [
+    (("state_norm",), r"$\|W_t\|$", "position", "auto"),
+    (("normaliser", "normaliser_l1"), "attention normaliser", "position", "auto"),
+    (("max_state_norm",), r"largest $\|W_t\|$ over $t$", "step", "auto"),
+    (("max_normaliser",), "largest normaliser over $t$", "step", "auto"),
+]
+CONTRAST = [  # a cosine lives in [-1, 1]: always a linear axis
+    (("contrast_cos",), r"$\cos(\bar v_t, v_t)$, all writes", "position", "linear"),
+    (("contrast_cos_first",), r"$\cos(\bar v_t, v_t)$, first writes", "position", "linear"),
+    (("contrast_cos_rewrite",), r"$\cos(\bar v_t, v_t)$, rewrites", "position", "linear"),
+    (("interference",), r"interference $\|\bar v_t\|$, first writes", "position", "auto"),
+]
+XLABEL = {"position": "write position $t$", "step": "training step"}
+FAILED_STYLE = {"ls": "none", "marker": "x", "ms": 6, "mew": 1.5}
+
+
+class NoDataError(ValueError):
+    """A figure has no rows to draw; ``write_report`` skips it and says so in report.md."""
+
+
+def load_frames(store_path: str | Path) -> dict[str, pd.DataFrame]:
+    """Read the store's tables (runs, curves, diagnostics, bench), read-only.
+
+    Args:
+        store_path: The SQLite results store.
+
+    Returns:
+        Table name -> DataFrame, with every ``SCHEMA`` column (a missing table is an empty frame, a missing
+        column NaN); numeric columns are numbers (NULL -> NaN).
+
+    Raises:
+        FileNotFoundError: If the store does not exist (sqlite would quietly create an empty one).
+    """
+    path = Path(store_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results store at {path}")
+    # Read-only: a report may run while the driver writes, and must never create or change the store.
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        frames = {}
+        for name, cols in SCHEMA.items():
+            df = pd.read_sql_query(f"SELECT * FROM {name}", con) if name in tables else pd.DataFrame()
+            for col in cols.split():
+                if col not in df.columns:
+                    df[col] = pd.Series(dtype=float if col in NUMERIC else object)
+            for col in NUMERIC & set(df.columns):
+                df[col] = pd.to_numeric(df[col], errors="coerce")
+            frames[name] = df
+    finally:
+        con.close()
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _rc() -> dict:
+    return {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"), "pdf.fonttype": 42}
+
+
+def _styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Build the figure under seaborn's paper style (fonts 8.8-9.6 pt) without touching global rcParams."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> Figure:
+        with mpl.rc_context(_rc()):  # ticks made at draw time copy the first tick, made here: style sticks
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _require(df: pd.DataFrame | None, what: str) -> pd.DataFrame:
+    if df is None or df.empty:
+        raise NoDataError(f"no {what} rows")
+    return df
+
+
+def _sweep_axis(df: pd.DataFrame) -> tuple[str, str, str]:
+    """The swept column, its axis label and symbol: S, or L when S is fixed and the run length varies."""
+    if df["num_keys"].nunique() <= 1 and df["seq_len"].nunique() > 1:
+        return "seq_len", "number of writes $L$", "L"
+    return "num_keys", "number of keys $S$", "S"
+
+
+def _order(runs: pd.DataFrame) -> list[str]:
+    """Memories by d_dot (capacity order; softmax, unbounded, last), then name: legends read like Fig. 2."""
+    d = runs.groupby("memory")["d_dot"].min()
+    return sorted(d.index, key=lambda m: (math.isnan(d[m]), 0 if math.isnan(d[m]) else d[m], m))
+
+
+def _facets(df: pd.DataFrame, keys: Iterable[str] = ("task", "d_key")) -> list[tuple[str, pd.DataFrame]]:
+    """One panel per task (and d_key etc. when they vary): lines of different tasks never share an axis."""
+    keys = [k for k in keys if k in df.columns and df[k].nunique() > 1]
+    if not keys:  # one panel, still titled with its task
+        tasks = df["task"].dropna().unique() if "task" in df.columns else []
+        return [(f"task = {tasks[0]}" if len(tasks) else "", df)]
+    return [(", ".join(f"{k} = {_fmt(v)}" for k, v in zip(keys, vals, strict=True)), g)
+            for vals, g in df.groupby(keys, sort=True, dropna=False)]
+
+
+class _Panels:
+    """A grid of panels sharing one legend of memories, placed below the axes so that it hides no data."""
+
+    def __init__(self, n: int, memories: list[str], width: float | None = None, height: float = 2.4,
+                 ncols: int = 2):
+        ncols, nrows, width = min(n, ncols), math.ceil(n / ncols), width or (SINGLE if n == 1 else DOUBLE)
+        self.fig = Figure(figsize=(width, height * nrows), layout="constrained")
+        axes = list(self.fig.subplots(nrows, ncols, squeeze=False).ravel())
+        for ax in axes[n:]:
+            ax.set_visible(False)
+        self.axes, self.memories, self.colors = axes[:n], memories, palette(memories)
+        self.drawn: set[str] = set()
+        self.marked: list[Axes] = []
+
+    def lines(self, ax: Axes, df: pd.DataFrame, x: str, y: str, **kw) -> None:
+        """Per memory, the median over seeds as a line and min-max as a band; non-finite values left out."""
+        df = df[np.isfinite(df[y])]
+        for mem in self.memories:
+            g = df[df["memory"] == mem].groupby(x)[y].agg(["median", "min", "max"]).sort_index()
+            if len(g):
+                ax.plot(g.index, g["median"], color=self.colors[mem], lw=1.3, zorder=3, **kw)
+                ax.fill_between(g.index, g["min"], g["max"], color=self.colors[mem], alpha=0.15, lw=0)
+                self.drawn.add(mem)
+
+    def failed(self, ax: Axes, memories: Iterable[str], xs: Iterable[float]) -> None:
+        """An x at the top of the axis at each (memory, x) of a diverged or failed run."""
+        points = sorted({(m, float(x)) for m, x in zip(memories, xs, strict=True) if not pd.isna(x)})
+        top = blended_transform_factory(ax.transData, ax.transAxes)
+        for mem, x in points:
+            ax.plot([x], [0.96], color=self.colors[mem], transform=top, clip_on=False, zorder=5,
+                    label="_failed", **FAILED_STYLE)
+            self.drawn.add(mem)
+        self.marked += [ax] if points else []
+
+    def finish(self, extras: list[tuple[str, dict]], failed_label: str = "diverged / failed run") -> Figure:
+        for ax in self.marked:  # headroom, so the row of x marks sits above the data rather than on it
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi * (hi / lo) ** 0.15 if ax.get_yscale() == "log" else hi + 0.15 * (hi - lo))
+        extras = extras + ([(failed_label, FAILED_STYLE)] if self.marked else [])
+        handles = [Line2D([], [], color=self.colors[m], lw=1.5) for m in self.memories]
+        handles += [Line2D([], [], **{"color": "0.35", "lw": 1.0, **style}) for _, style in extras]
+        labels = [m if m in self.drawn else f"{m} (no data)" for m in self.memories]
+        labels += [label for label, _ in extras]
+        ncol = min(len(labels), 4 if self.fig.get_figwidth() > SINGLE else 2)
+        # the legend gets room of its own, so many memories do not squeeze the axes
+        self.fig.set_figheight(self.fig.get_figheight() + 0.1 + 0.19 * math.ceil(len(labels) / ncol))
+        self.fig.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False)
+        return self.fig
+
+
+def _threshold(ax: Axes, threshold: float) -> tuple[str, dict]:
+    ax.axhline(threshold, color="0.5", ls="--", lw=0.8)
+    return f"solved threshold ({threshold:g})", {"ls": "--", "color": "0.5"}
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+@_styled
+def capacity_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
+    """Paper Fig. 2: final eval loss against the number of keys S (or of writes L), one line per memory.
+
+    Lines are the median over finished seeds, bands their min-max; dotted verticals mark each memory's d_dot
+    (none for softmax; an arrow at the right edge when past the swept range); an x at the top marks an S where
+    a seed diverged or failed.
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        threshold: The "solved" loss, drawn dashed.
+    """
+    x, xlabel, _ = _sweep_axis(_require(runs, "runs"))
+    facets = _facets(runs)
+    p = _Panels(len(facets), _order(runs), width=DOUBLE, height=2.6, ncols=1)
+    marks: set[str] = set()  # which d_dot marks were drawn: "in" (a dotted line), "beyond" (an arrow)
+    for ax, (title, sub) in zip(p.axes, facets, strict=True):
+        done = sub[sub["status"] == "done"]
+        p.lines(ax, done.assign(final_loss=done["final_loss"].clip(lower=LOG_FLOOR)), x, "final_loss",
+                marker="o", ms=3)
+        row = 0
+        for mem in p.memories:
+            for d_dot in sorted(sub.loc[sub["memory"] == mem, "d_dot"].dropna().unique()):
+                if d_dot <= 1.05 * sub[x].max():
+                    ax.axvline(d_dot, color=p.colors[mem], ls=":", lw=1.0)
+                    marks.add("in")
+                else:  # past the swept range: an arrow at the right edge, so the axis keeps to the data
+                    ax.plot([0.985], [0.06 + 0.08 * row], color=p.colors[mem], transform=ax.transAxes,
+                            clip_on=False, ls="none", marker=">", ms=5)
+                    row += 1
+                    marks.add("beyond")
+        p.failed(ax, sub.loc[sub["status"].isin(FAILED), "memory"], sub.loc[sub["status"].isin(FAILED), x])
+        extras = [_threshold(ax, threshold)]
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(yscale="log", xlabel=xlabel, ylabel="final eval loss", title=title)
+    styles = {"in": ("$d_{dot}$ of the memory", {"ls": ":"}),
+              "beyond": ("$d_{dot}$ beyond the axis", {"ls": "none", "marker": ">", "ms": 5})}
+    return p.finish(extras + [styles[m] for m in ("in", "beyond") if m in marks])
+
+
+@_styled
+def learning_curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, num_keys: int | None = None,
+                           threshold: float = 1e-3) -> Figure:
+    """Paper Fig. 3: eval loss against training step per memory, at one S per task (default: the smallest).
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        curves: The ``curves`` table (its eval loss rows are used).
+        num_keys: The S to show; None picks the smallest swept value.
+        threshold: The "solved" loss, drawn dashed.
+    """
+    evals = curves[(curves["split"] == "eval") & (curves["metric"] == "loss")]
+    evals = _require(evals[evals["run_id"].isin(_require(runs, "runs")["run_id"])], "eval loss curve")
+    x, _, sym = _sweep_axis(runs)
+    facets = _facets(runs)
+    p = _Panels(len(facets), _order(runs), height=2.6)
+    for ax, (title, sub) in zip(p.axes, facets, strict=True):
+        sel = sub if num_keys is None else sub[sub["num_keys"] == num_keys]
+        traced = sel[sel["run_id"].isin(evals["run_id"])]
+        value = (traced if len(traced) else sel)[x].min()
+        sel = sel[sel[x] == value]
+        c = evals.merge(sel[["run_id", "memory"]], on="run_id")
+        p.lines(ax, c.assign(value=c["value"].clip(lower=LOG_FLOOR)), "step", "value")
+        # a failed run is marked at its last finite evaluation, or where it stopped if it has no curve
+        last = c[np.isfinite(c["value"])].groupby("run_id")["step"].max()
+        bad = sel[sel["status"].isin(FAILED)]
+        p.failed(ax, bad["memory"], bad["run_id"].map(last).fillna(bad["steps"]).fillna(0))
+        extras = [_threshold(ax, threshold)]
+        where = f"{sym} = {_fmt(value)}" if len(sel) else f"no runs at S = {num_keys}"
+        title = ", ".join(filter(None, [title, where]))
+        ax.set(yscale="log", xlabel="training step", ylabel="eval loss", title=title)
+    return p.finish(extras, "diverged / failed run (last step)")
+
+
+def _diagnostics_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, panels: list, num_keys: int | None,
+                        what: str) -> Figure:
+    """Diagnostics panels at one S per task (default: the largest with diagnostics, where stress shows), each
+    task on rows of its own; per-position metrics from each run's last evaluation (the trained memory)."""
+    diags = diagnostics[diagnostics["run_id"].isin(_require(runs, "runs")["run_id"])]
+    per_pos = diags[diags["position"].notna()]
+    last = per_pos.groupby("run_id")["step"].transform("max")
+    diags = pd.concat([per_pos[per_pos["step"] == last], diags[diags["position"].isna()]])
+    x, _, sym = _sweep_axis(runs)
+    cells = []  # (title, y label, x column, y scale, rows of the panel's metric); None = an empty cell
+    for title, sub in _facets(runs):
+        sel = sub if num_keys is None else sub[sub["num_keys"] == num_keys]
+        have = diags[diags["run_id"].isin(sel["run_id"])]
+        sel = sel[sel[x] == sel.loc[sel["run_id"].isin(have["run_id"]), x].max()]
+        have = have.merge(sel[["run_id", "memory", "status"]], on="run_id")
+        row = []
+        for candidates, ylabel, xcol, scale in panels:
+            rows = have[have["position"].notna() == (xcol == "position")]
+            metric = next((m for m in candidates if (rows["metric"] == m).any()), None)
+            if metric is not None:
+                head = ", ".join(filter(None, [title, f"{sym} = {_fmt(sel[x].iloc[0])}"]))
+                row.append((head, ylabel, xcol, scale, rows[rows["metric"] == metric]))
+        cells += row + [None] * (len(row) % 2)  # each task starts on a new row of the 2-column grid
+    if not any(cells):
+        raise NoDataError(f"no {what} diagnostics rows")
+    p = _Panels(len(cells), _order(runs), height=2.2)
+    for ax, cell in zip(p.axes, cells, strict=True):
+        if cell is None:
+            ax.set_visible(False)
+            continue
+        head, ylabel, xcol, scale, rows = cell
+        p.lines(ax, rows, xcol, "value")
+        # a diverged run is marked where its record stops being finite (at its start if it never was)
+        bad = rows[rows["status"].isin(FAILED)]
+        stop = bad[np.isfinite(bad["value"])].groupby("run_id")[xcol].max()
+        bad = bad.drop_duplicates("run_id")
+        p.failed(ax, bad["memory"], bad["run_id"].map(stop).fillna(rows[xcol].min()))
+        v = rows["value"][np.isfinite(rows["value"]) & (rows["value"] > 0)]
+        if scale == "auto" and len(v) and v.max() > 100 * v.min():  # a diverging state spans decades
+            ax.set_yscale("log")
+        ax.set(xlabel=XLABEL[xcol], ylabel=ylabel, title=head)
+    return p.finish([])
+
+
+@_styled
+def stability_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, num_keys: int | None = None) -> Figure:
+    """State norm ‖W_t‖ and attention normaliser against write position t, and their largest values against
+    training step, per memory (median over seeds, min-max band).
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        diagnostics: The ``diagnostics`` table.
+        num_keys: The S to show; None picks the largest swept value that has diagnostics.
+    """
+    return _diagnostics_figure(runs, diagnostics, STABILITY, num_keys, "stability")
+
+
+@_styled
+def contrast_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, num_keys: int | None = None) -> Figure:
+    """Cosine between v̄_t (read at k_t just before writing) and v_t, and interference, against write position
+    t per memory; for the overwrite task, first writes beside rewrites.
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        diagnostics: The ``diagnostics`` table.
+        num_keys: The S to show; None picks the largest swept value that has diagnostics.
+    """
+    return _diagnostics_figure(runs, diagnostics, CONTRAST, num_keys, "contrast")
+
+
+@_styled
+def bench_figure(bench: pd.DataFrame) -> Figure:
+    """Milliseconds per training step against S per memory: fast form (solid) vs reference loop (dashed).
+
+    Args:
+        bench: The ``bench`` table; a row without a finite ``ms_step`` (skipped as too big, or failed) is an x
+            where it breaks its memory's line.
+    """
+    x, xlabel, _ = _sweep_axis(_require(bench, "bench"))
+    facets = _facets(bench, ("task", "d_key", "threads", "batch_size"))
+    p = _Panels(len(facets), sorted(bench["memory"].dropna().unique()), height=2.6)
+    styles = {"fast": "-", "reference": "--"}
+    for ax, (title, sub) in zip(p.axes, facets, strict=True):
+        for form, ls in styles.items():
+            p.lines(ax, sub[sub["form"] == form], x, "ms_step", ls=ls, marker="o", ms=3)
+        # a row without timing (skipped: too big for the reference loop, or failed) is marked where it
+        # breaks a line; a memory with no reference form at all has no line to break
+        timed = sub[np.isfinite(sub["ms_step"])].groupby(["memory", "form"]).size()
+        bad = sub[~np.isfinite(sub["ms_step"])]
+        bad = bad[[key in timed.index for key in zip(bad["memory"], bad["form"], strict=True)]]
+        p.failed(ax, bad["memory"], bad[x])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(yscale="log", xlabel=xlabel, ylabel="ms per training step", title=title or "speed")
+    forms = [(f"{form} form", {"ls": ls}) for form, ls in styles.items()]
+    return p.finish(forms, "no timing (skipped, failed)")
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def _keys(runs: pd.DataFrame) -> list[str]:
+    return [c for c in ("task", "d_key") if runs[c].nunique() > 1] + ["memory"]
+
+
+def _sorted(df: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    rank = {m: i for i, m in enumerate(_order(runs))}
+    return df.sort_values(keys, key=lambda s: s.map(rank) if s.name == "memory" else s)
+
+
+def capacity_table(runs: pd.DataFrame, threshold: float = 1e-3) -> pd.DataFrame:
+    """Capacity per memory: the largest S solved and its ratio to d_dot (PAPER.md §3).
+
+    S counts as solved when the median final eval loss over seeds is <= ``threshold``; a diverged or failed
+    seed counts as unsolved (loss inf), so a memory that diverges in most seeds gets no credit.
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        threshold: The solved loss.
+
+    Returns:
+        Columns memory, d_dot, largest_solved_S (NaN if none), ratio_to_d_dot, loss_at_largest_S (median over
+        finished seeds at the largest S swept), n_seeds, n_diverged, and first_failed_S (the paper's cliff);
+        task and d_key come first when they vary. S reads L in a length sweep.
+    """
+    cols = ["memory", "d_dot", "largest_solved_S", "ratio_to_d_dot", "loss_at_largest_S", "n_seeds",
+            "n_diverged", "first_failed_S"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    x, keys = _sweep_axis(runs)[0], _keys(runs)
+    scored = runs.assign(loss=runs["final_loss"].where(runs["status"] == "done").fillna(np.inf))
+    rows = []
+    for vals, g in scored.groupby(keys, sort=False, dropna=False):
+        med = g.groupby(x)["loss"].median()
+        solved, unsolved = med.index[med <= threshold], med.index[med > threshold]
+        d_dot, largest = g["d_dot"].min(), solved.max() if len(solved) else np.nan
+        done = g[(g["status"] == "done") & (g[x] == g[x].max())]
+        rows.append({**dict(zip(keys, vals, strict=True)), "d_dot": d_dot, "largest_solved_S": largest,
+                     "ratio_to_d_dot": largest / d_dot if d_dot > 0 else np.nan,
+                     "loss_at_largest_S": done["final_loss"].median(), "n_seeds": g["seed"].nunique(),
+                     "n_diverged": int(g["status"].isin(FAILED).sum()),
+                     "first_failed_S": unsolved.min() if len(unsolved) else np.nan})
+    return _sorted(pd.DataFrame(rows), runs, keys)[keys[:-1] + cols].reset_index(drop=True)
+
+
+def final_loss_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Median final eval loss over finished seeds: rows memory (task, memory with several tasks), columns S.
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+
+    Returns:
+        The pivot; NaN where every seed diverged or failed. Columns are L in a length sweep.
+    """
+    if runs.empty:
+        return pd.DataFrame()
+    x, keys = _sweep_axis(runs)[0], _keys(runs)
+    table = runs[runs["status"] == "done"].pivot_table(index=keys, columns=x, values="final_loss",
+                                                       aggfunc="median")
+    index = _sorted(runs[keys].drop_duplicates(), runs, keys).set_index(keys).index
+    return table.reindex(index=index, columns=sorted(runs[x].dropna().unique()))
+
+
+# ---------------------------------------------------------------------------------------------------- report
+SECTIONS = {  # stem: (heading, caption); lines are medians over seeds, bands min-max
+    "capacity": ("Capacity (paper Fig. 2)", "Final eval loss against {axis}; dotted: each memory's d_dot."),
+    "learning_curves": ("Learning curves (paper Fig. 3)", "Eval loss at the smallest {sym} of each task."),
+    "stability": ("Stability", "State norm and normaliser along the sequence (last evaluation), and their "
+                  "largest values over training."),
+    "contrast": ("Retrieved-vs-written contrast", "cos(v̄_t, v_t), v̄_t read at k_t just before writing v_t, "
+                 "and interference, along the sequence (last evaluation)."),
+    "bench": ("Speed", "Milliseconds per training step: fast form (solid), reference loop (dashed)."),
+}
+
+
+def _fmt(v: object) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float | np.floating):
+        return "∞" if math.isinf(v) else str(int(v)) if float(v).is_integer() else f"{v:.3g}"
+    return str(v)
+
+
+def _markdown(df: pd.DataFrame) -> list[str]:
+    head = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    return head + ["| " + " | ".join(map(_fmt, row)) + " |" for row in df.itertuples(index=False)]
+
+
+def _save(fig: Figure, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    with mpl.rc_context(_rc()):
+        # no version or date in the files: the same store gives the same bytes
+        fig.savefig(paths[0], dpi=300, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
+    return paths
+
+
+def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: float, store: str,
+               figures: dict[str, str]) -> str:
+    x, axis, sym = _sweep_axis(runs)
+    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().sort_index().items())
+    values = {c: ", ".join(map(_fmt, sorted(runs[c].dropna().unique()))) for c in ("task", x, "version")}
+    md = [f"# {name}", "", f"Store `{store}`: {len(runs)} runs ({counts}); tasks {values['task']}; "
+          f"{sym} = {values[x]}; {runs['seed'].nunique()} seeds; version {values['version'] or '–'}."]
+
+    def section(stem: str) -> list[str]:
+        (heading, caption), body = SECTIONS[stem], figures[stem]
+        caption = caption.format(axis=axis.replace("$", ""), sym=sym)
+        return ["", f"## {heading}", "", body] + ([] if body.startswith("_Skipped") else ["", caption])
+
+    md += section("capacity") + section("learning_curves")
+    md += ["", "## Capacity table", "", f"An {sym} is solved when the median final eval loss over seeds is "
+           f"<= {threshold:g} (a diverged seed counts as unsolved); loss_at_largest_S is at the largest "
+           f"{sym} swept. ([CSV](capacity_table.csv))", "", *_markdown(table)]
+    losses = final_loss_table(runs).reset_index()
+    losses.columns = [c if isinstance(c, str) else f"{sym} = {_fmt(c)}" for c in losses.columns]
+    md += ["", "## Final eval loss (median over finished seeds)", "", *_markdown(losses)]
+    for stem in ("stability", "contrast", "bench"):
+        md += section(stem)
+    return "\n".join(md) + "\n"
+
+
+def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, threshold: float,
+                      store: str) -> list[Path]:
+    runs = frames["runs"][frames["runs"]["experiment"] == name]
+    curves, diags = (frames[t][frames[t]["run_id"].isin(runs["run_id"])] for t in ("curves", "diagnostics"))
+    bench = frames["bench"]
+    if "experiment" in bench.columns and bench["experiment"].notna().any():  # else it serves every report
+        bench = bench[bench["experiment"] == name]
+    builders = {
+        "capacity": lambda: capacity_figure(runs, threshold),
+        "learning_curves": lambda: learning_curves_figure(runs, curves, threshold=threshold),
+        "stability": lambda: stability_figure(runs, diags),
+        "contrast": lambda: contrast_figure(runs, diags),
+        "bench": lambda: bench_figure(bench),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    written, figures = [], {}
+    for stem, build in builders.items():
+        try:
+            written += _save(build(), out / stem)
+            figures[stem] = f"![{SECTIONS[stem][0]}]({stem}.png)\n\n[PDF]({stem}.pdf)"
+        except NoDataError as err:
+            figures[stem] = f"_Skipped: {err} in the store._"
+            for stale in (out / f"{stem}.png", out / f"{stem}.pdf"):
+                stale.unlink(missing_ok=True)  # an old figure must not outlive the data that explained it
+    table = capacity_table(runs, threshold)
+    table.to_csv(out / "capacity_table.csv", index=False, float_format="%.6g")
+    (out / "report.md").write_text(_report_md(name, runs, table, threshold, store, figures), encoding="utf-8")
+    written += [out / "capacity_table.csv", out / "report.md"]
+    log.info("wrote %d files to %s", len(written), out)
+    return written
+
+
+def write_report(store_path: str | Path, out_dir: str | Path = "plots", experiment: str | None = None,
+                 threshold: float = 1e-3) -> list[Path]:
+    """Write figures (PNG at 300 dpi and PDF), capacity_table.csv and report.md into out_dir/<experiment>/.
+
+    A figure without data is skipped (an old copy removed) and report.md says so. Same store, same files.
+
+    Args:
+        store_path: The SQLite results store.
+        out_dir: The folder that receives one subfolder per experiment.
+        experiment: Only this experiment; None for every experiment in the store.
+        threshold: The final eval loss at or below which an S counts as solved.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ValueError: If ``experiment`` is not in the store (the message lists those that are).
+        FileNotFoundError: If the store does not exist.
+    """
+    frames = load_frames(store_path)
+    names = sorted(frames["runs"]["experiment"].dropna().unique())
+    if experiment is not None:
+        if experiment not in names:
+            known = ", ".join(names) or "no runs"
+            raise ValueError(f"unknown experiment {experiment!r}; the store has: {known}")
+        names = [experiment]
+    if not names:
+        log.warning("no runs in %s: nothing to report", store_path)
+    written = []
+    for name in names:
+        written += _write_experiment(name, frames, Path(out_dir) / name, threshold, str(store_path))
+    return written

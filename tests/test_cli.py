@@ -1,0 +1,93 @@
+"""The command line: run, list, dry-run, and one clear message with exit code 2 for every bad input."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from click.testing import CliRunner
+
+from retrieval_bench.cli import main
+
+TINY = """
+name = "tiny"
+seeds = [1]
+[task]
+name = "capacity"
+num_keys = [4, 6]
+[model]
+memory = ["linear/sum", "dpfp-1/delta"]
+d_key = 8
+[train]
+eval_every = 10
+max_steps = 20
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.toml"
+    p.write_text(TINY)
+    return p
+
+
+def test_console_script_is_declared():
+    import pathlib
+
+    meta = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["retrieval-bench"] == "retrieval_bench.cli:main"
+
+
+def test_run_writes_store_table_and_report(tiny, tmp_path):
+    store, out = tmp_path / "r.db", tmp_path / "plots"
+    res = CliRunner().invoke(main, ["run", str(tiny), "--store", str(store), "--workers", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "final eval loss" in res.output and "linear/sum" in res.output
+    assert (out / "tiny" / "report.md").is_file()
+    res2 = CliRunner().invoke(main, ["run", str(tiny), "--store", str(store), "--workers", "1", "--no-report"])
+    assert res2.exit_code == 0 and "0 runs to do, 4 already stored" in res2.output
+
+
+def test_dry_run_trains_nothing(tiny, tmp_path):
+    res = CliRunner().invoke(main, ["run", str(tiny), "--dry-run", "--store", str(tmp_path / "r.db"),
+                                    "--set", "task.num_keys=[4, 5, 6]"])
+    assert res.exit_code == 0 and "6 runs in experiment 'tiny'" in res.output
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_list_shows_every_registry_and_shipped_experiments():
+    res = CliRunner().invoke(main, ["list"])
+    assert res.exit_code == 0
+    for word in ("softmax", "dpfp", "favor", "delta", "fwm", "overwrite", "capacity", "quick", "built-in", "l2"):
+        assert word in res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "model.memory=linaer/sum"], "did you mean"),
+    (["--set", "task.name=capacty"], "task.name"),
+    (["--set", "train.lr=fast"], "train.lr"),
+    (["--set", "train.batchsize=3"], "train.batchsize"),
+    (["--set", "task.num_keys=0"], "num_keys"),
+    (["--set", "model.memory=dpfp-9/sum"], "d_key"),
+    (["--set", "nonsense"], "--set"),
+])
+def test_bad_input_is_one_message_exit_2_nothing_written(tiny, tmp_path, args, message):
+    store = tmp_path / "r.db"
+    res = CliRunner().invoke(main, ["run", str(tiny), "--store", str(store), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not store.exists()
+
+
+def test_malformed_and_missing_files_exit_2(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [")
+    for target in (str(bad), str(tmp_path / "nope.toml"), "no-such-experiment"):
+        res = CliRunner().invoke(main, ["run", target, "--store", str(tmp_path / "r.db")])
+        assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_report_on_missing_store_exit_2(tmp_path):
+    res = CliRunner().invoke(main, ["report", "--store", str(tmp_path / "none.db")])
+    assert res.exit_code == 2 and "no such results store" in res.output

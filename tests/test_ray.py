@@ -1,0 +1,246 @@
+"""The Ray executor (DESIGN §6): same results as the local executor, a killed worker costs at most its run.
+
+One local Ray instance (2 CPUs) serves the whole module. The tests that need Ray skip where it is not
+installed (CI installs the ``ray`` extra); the one about the missing-Ray message runs everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import types
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from retrieval_bench.cli import main
+from retrieval_bench.config import from_dict
+from retrieval_bench.executors import Executor, InlineExecutor, execute
+from retrieval_bench.store import Store
+from retrieval_bench.sweep import run_sweep
+
+TINY = {
+    "name": "ray-tiny", "seeds": [1, 2],
+    "task": {"name": "capacity", "num_keys": [4, 6]},
+    "model": {"memory": ["linear/sum", "softmax"], "d_key": 8},
+    "train": {"max_steps": 60, "eval_every": 20, "diagnostics": False, "batch_size": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray instance for the module; executors find it initialised and use it as it is."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def _sweep(exp, store, executor):
+    return run_sweep(exp, store, executor, live=False, console=Console(file=io.StringIO()))
+
+
+def _runs(store):
+    return store.load("runs").set_index("run_id")
+
+
+class _Recording(Executor):
+    """Wraps an executor and keeps the live-view events it reports."""
+
+    def __init__(self, inner):
+        self.inner, self.started, self.progress = inner, [], []
+
+    def run(self, configs, on_start=None, on_progress=None):
+        def start(ev):
+            self.started.append(ev)
+            if on_start:
+                on_start(ev)
+
+        def progress(ev):
+            self.progress.append(ev)
+            if on_progress:
+                on_progress(ev)
+
+        yield from self.inner.run(configs, start, progress)
+
+
+def test_ray_matches_local_and_resumes(ray_session, tmp_path):
+    from retrieval_bench.ray_executor import RayExecutor
+
+    exp = from_dict(TINY)
+    local = Store(tmp_path / "local.db")
+    _sweep(exp, local, InlineExecutor(threads=1))
+    ex = RayExecutor(threads_per_run=1)
+    rec = _Recording(ex)
+    remote = Store(tmp_path / "ray.db")
+    state = _sweep(exp, remote, rec)
+    assert (state.done, state.failed, state.total) == (8, 0, 8)
+
+    a, b = _runs(local), _runs(remote)
+    assert sorted(a.index) == sorted(b.index) and len(b) == 8
+    assert (b["status"] == "done").all()
+    for rid in a.index:  # the same job function on one thread each: bit-for-bit the same losses
+        assert b.loc[rid, "final_loss"] == a.loc[rid, "final_loss"], rid
+        assert b.loc[rid, "steps"] == a.loc[rid, "steps"], rid
+
+    # the live view saw every run start and per-evaluation progress from the workers
+    assert {e["run_id"] for e in rec.started} == set(b.index)
+    assert {e["run_id"] for e in rec.progress} == set(b.index)
+    assert {e["step"] for e in rec.progress} == {20, 40, 60}
+    assert all(e["eval_loss"] is not None for e in rec.progress)
+
+    # resume: everything is stored, so the same sweep runs nothing
+    again = _sweep(exp, remote, ex)
+    assert (again.total, again.skipped) == (0, 8)
+    ex.close()
+    assert ray_session.is_initialized()  # a session the executor did not start is left running
+
+
+def _dying_job(marker_dir: str, die_once: str, die_always: str, raises: str):
+    """A job that kills its worker: once for one run (Ray retries it), every time for another; and raises for
+    a third. A closure, so that Ray ships it by value (the tests directory is not importable on the
+    workers)."""
+
+    def job(cfg, progress_queue=None):
+        import os
+        import pathlib
+
+        from retrieval_bench.executors import _rid, execute
+
+        rid = _rid(cfg)
+        if rid == die_always:
+            os._exit(1)
+        if rid == raises:
+            raise RuntimeError("boom")
+        if rid == die_once:
+            marker = pathlib.Path(marker_dir) / f"{rid}.died"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), 9)
+        return execute(cfg, progress_queue)
+
+    return job
+
+
+def test_killed_worker_is_retried_or_stored_failed(ray_session, tmp_path):
+    from retrieval_bench.ray_executor import RayExecutor
+
+    exp = from_dict({**TINY, "model": {"memory": "linear/sum", "d_key": 8},
+                     "train": {**TINY["train"], "max_steps": 20}})
+    ids = [r.run_id for r in exp.expand()]
+    assert len(ids) == 4
+    once, always, raises = ids[0], ids[1], ids[2]
+    store = Store(tmp_path / "runs.db")
+    ex = RayExecutor(threads_per_run=1, max_retries=1, job=_dying_job(str(tmp_path), once, always, raises))
+    state = _sweep(exp, store, ex)
+    runs = _runs(store)
+    assert sorted(runs.index) == sorted(ids)  # every run has its row, none lost
+    assert (tmp_path / f"{once}.died").exists()
+    assert runs.loc[once, "status"] == "done"  # retried by Ray after its worker was killed
+    assert runs.loc[always, "status"] == "failed"
+    assert "WorkerCrashedError" in runs.loc[always, "error"]
+    assert runs.loc[raises, "status"] == "failed" and "boom" in runs.loc[raises, "error"]
+    assert (runs.drop(index=[always, raises])["status"] == "done").all()
+    assert (state.done, state.failed) == (2, 2)
+
+    # a rerun retries only the failed runs, which now succeed
+    rerun = _sweep(exp, store, RayExecutor(threads_per_run=1, job=execute))
+    assert (rerun.total, rerun.skipped, rerun.done) == (2, 2, 2)
+    assert (_runs(store)["status"] == "done").all()
+
+
+def test_cli_runs_a_sweep_on_ray(ray_session, tmp_path):
+    toml = tmp_path / "exp.toml"
+    toml.write_text('name = "ray-cli"\nseeds = [1, 2]\n[task]\nname = "capacity"\nnum_keys = 4\n'
+                    '[model]\nmemory = "linear/sum"\nd_key = 8\n'
+                    '[train]\nmax_steps = 20\neval_every = 10\ndiagnostics = false\nbatch_size = 8\n')
+    db = tmp_path / "cli.db"
+    args = ["run", str(toml), "--executor", "ray", "--cpus-per-run", "1", "--store", str(db), "--no-report"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (_runs(Store(db))["status"] == "done").sum() == 2
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "0 runs to do, 2 already stored" in result.output
+    assert ray_session.is_initialized()
+
+
+def test_without_ray_the_cli_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    result = CliRunner().invoke(main, ["run", "quick", "--executor", "ray", "--store", str(tmp_path / "r.db"),
+                                       "--no-report"])
+    assert result.exit_code == 2
+    assert "pip install 'retrieval-bench[ray]'" in result.output
+
+
+class _FakeRay(types.SimpleNamespace):
+    """Stands in for the ``ray`` module to check what the executor starts and stops, without a cluster."""
+
+    def __init__(self, initialized=False, cpus=2):
+        super().__init__(calls=[], _init=initialized, _cpus=cpus)
+
+    def is_initialized(self):
+        return self._init
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        self._init = True
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
+        self._init = False
+
+    def nodes(self):
+        return [{"Alive": True, "Resources": {"CPU": float(self._cpus)}}]
+
+    def cluster_resources(self):
+        return {"CPU": float(self._cpus)}
+
+
+def test_connect_and_close(monkeypatch):
+    pytest.importorskip("ray")
+    from retrieval_bench import ray_executor
+    from retrieval_bench.ray_executor import RayExecutor
+
+    # a local instance it starts: sized by num_cpus, shut down by close()
+    fake = _FakeRay()
+    monkeypatch.setattr(ray_executor, "ray", fake)
+    ex = RayExecutor(threads_per_run=2, num_cpus=2)
+    ex._connect()
+    assert fake.calls[0] == ("init", {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+                                      "ignore_reinit_error": True})
+    assert ex.workers == 1
+    ex.close()
+    assert fake.calls[-1] == ("shutdown",)
+
+    # a cluster given by address: connected to; close() only disconnects this driver (ray.shutdown in a
+    # driver that joined a `ray start` cluster stops nothing of the cluster)
+    fake = _FakeRay()
+    monkeypatch.setattr(ray_executor, "ray", fake)
+    ex = RayExecutor(address="head:6379")
+    ex._connect()
+    assert fake.calls[0][1]["address"] == "head:6379" and "num_cpus" not in fake.calls[0][1]
+
+    # a session that already exists is used as it is and left running
+    fake = _FakeRay(initialized=True)
+    monkeypatch.setattr(ray_executor, "ray", fake)
+    ex = RayExecutor()
+    ex._connect()
+    ex.close()
+    assert fake.calls == [] and fake.is_initialized()
+
+    # more CPUs per run than any node has: an error, not a sweep that waits forever
+    fake = _FakeRay(cpus=2)
+    monkeypatch.setattr(ray_executor, "ray", fake)
+    with pytest.raises(ValueError, match="cpus-per-run 4"):
+        RayExecutor(threads_per_run=4)._connect()
+
+    # nothing to run: Ray is not even started
+    fake = _FakeRay()
+    monkeypatch.setattr(ray_executor, "ray", fake)
+    assert list(RayExecutor().run([])) == []
+    assert fake.calls == []
