@@ -82,10 +82,11 @@ def run(experiment, store, workers, threads, sets, dry_run, rerun, executor, add
     finally:
         ex.close()
     _final_table(st, exp.name, console)
-    if state.failed:
-        console.print(f"{state.failed} runs failed (stored with their error; rerun the command to retry).")
     if not no_report:
         _report(store, exp.name, out, console)
+    if state.failed:
+        console.print(f"{state.failed} runs failed (stored with their error; rerun the command to retry).")
+        sys.exit(1)
 
 
 def _final_table(st, experiment: str, console: Console) -> None:
@@ -95,13 +96,15 @@ def _final_table(st, experiment: str, console: Console) -> None:
     from .report import final_loss_table
 
     pivot = final_loss_table(runs)
-    table = Table(title=f"final eval loss ({experiment}; median over seeds)")
-    table.add_column("memory")
+    table = Table(title=f"final eval loss ({experiment}; median over seeds; columns: number of keys S)")
+    table.add_column("memory", no_wrap=True)
     for col in pivot.columns:
-        table.add_column(str(col), justify="right")
+        table.add_column(str(col), justify="right", no_wrap=True)
     for mem, row in pivot.iterrows():
-        table.add_row(str(mem), *("-" if v != v else f"{v:.2g}" for v in row.values))
-    Console().print(table)
+        name = " ".join(map(str, mem)) if isinstance(mem, tuple) else str(mem)
+        table.add_row(name, *("-" if v != v else f"{v:.1e}" for v in row.values))
+    # A pipe or a narrow terminal would squeeze the numbers into ellipses: size the table to its content.
+    Console(width=max(Console().width, 30 + 11 * len(pivot.columns))).print(table)
 
 
 def _report(store: str, experiment: str | None, out: str, console: Console) -> None:

@@ -105,8 +105,8 @@ class _DPFPFunction(torch.autograd.Function):
         n = ctx.n
         D = u_ext.shape[-1] - 2 * n
         g = g.reshape(*u_ext.shape[:-1], n, D)
-        # ∂/∂u_m of Σ_i g_i u_i u_{i-j} = g_m u_{m-j} + g_{m+j} u_{m+j} (indices mod D): rolled u are slices of
-        # u_ext; rolled g are slices of g extended by its first n entries.
+        # ∂/∂u_m of Σ_i g_i u_i u_{i-j} = g_m u_{m-j} + g_{m+j} u_{m+j} (indices mod D): rolled u are slices
+        # of u_ext; rolled g are slices of g extended by its first n entries.
         g_ext = torch.cat([g, g[..., :n]], dim=-1)  # (..., n, D + n)
         gu = g[..., 0, :] * u_ext[..., n - 1: n - 1 + D]
         for j in range(1, n + 1):
@@ -187,8 +187,7 @@ class FavorPlus(FeatureMap):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.omega.numel() == 0:
             self.begin_call(x.shape[-1])
-        omega = self.omega.to(x.dtype)
-        return _FavorFunction.apply(x, torch.cat([omega, -omega], dim=1), 1.0 / math.sqrt(2 * self.m))
+        return _FavorFunction.apply(x, self.omega.to(x.dtype), 1.0 / math.sqrt(2 * self.m))
 
 
 # exp(z) rounds to exactly 0 in float32 for z <= -104 (e^-104 < 2^-150, half the smallest denormal), yet CPU
@@ -197,35 +196,42 @@ _EXP_ZERO_BELOW = -104.0
 
 
 class _FavorFunction(torch.autograd.Function):
-    """scale · exp(x [Ω, -Ω] - ‖x‖²/2): the same numbers as ``scale · cat([exp(xΩ - h), exp(-xΩ - h)])``, from
-    one GEMM into one buffer updated in place, with a backward that saves only x and the output."""
+    """scale · exp(x [Ω, -Ω] - ‖x‖²/2): the same numbers as ``scale · cat([exp(xΩ - h), exp(-xΩ - h)])``,
+    written into one buffer updated in place, with a backward that saves only x, Ω and the output."""
 
     @staticmethod
-    def forward(ctx, x, omega2, scale):
-        z = x @ omega2  # (..., 2m)
-        z.sub_(0.5 * (x * x).sum(-1, keepdim=True))
+    def forward(ctx, x, omega, scale):
+        m = omega.shape[1]
+        proj = x @ omega  # (..., m)
+        half_sq = 0.5 * (x * x).sum(-1, keepdim=True)
+        z = proj.new_empty(*proj.shape[:-1], 2 * m)
+        torch.sub(proj, half_sq, out=z[..., :m])
+        torch.sub(-half_sq, proj, out=z[..., m:])  # -h - p == -p - h exactly: negation is exact
+        del proj
         if z.dtype == torch.float32:
             keep = z > _EXP_ZERO_BELOW
             F.threshold_(z, _EXP_ZERO_BELOW, 0.0)  # exp of the rest is 0 anyway: compute exp(0) fast instead
             phi = torch.where(keep, z.exp_(), 0.0).mul_(scale)
         else:
             phi = z.exp_().mul_(scale)
-        ctx.save_for_backward(x, omega2, phi)
+        ctx.save_for_backward(x, omega, phi)
         return phi
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        x, omega2, phi = ctx.saved_tensors
+        x, omega, phi = ctx.saved_tensors
         gz = g * phi  # ∂φ/∂z = φ
         # ∂z/∂x = [Ω, -Ω]ᵀ - x: one GEMM against [Ω, -Ω; 1] gives both terms' reductions over the 2m features.
-        ones = torch.ones(1, omega2.shape[1], dtype=omega2.dtype, device=omega2.device)
-        r = gz @ torch.cat([omega2, ones]).t()  # (..., K + 1)
+        ones = torch.ones(1, 2 * omega.shape[1], dtype=omega.dtype, device=omega.device)
+        r = gz @ torch.cat([torch.cat([omega, -omega], dim=1), ones]).t()  # (..., K + 1)
         K = x.shape[-1]
         gx = r[..., :K] - r[..., K:] * x
         gomega = None
         if ctx.needs_input_grad[1]:
-            gomega = x.reshape(-1, K).t() @ gz.reshape(-1, gz.shape[-1])
+            m = omega.shape[1]
+            gz2 = gz.reshape(-1, 2 * m)
+            gomega = x.reshape(-1, K).t() @ (gz2[:, :m] - gz2[:, m:])
         return gx, gomega, None
 
 

@@ -86,8 +86,12 @@ class Registry:
         return sorted(self._entries)
 
     def origins(self) -> dict[str, str]:
+        """Name -> where it comes from; a name claimed twice shows every claimant."""
         self._load_plugins()
-        return {n: e.origin for n, e in sorted(self._entries.items())}
+        out = {n: e.origin for n, e in sorted(self._entries.items())}
+        for name, claimants in self._conflicts.items():
+            out[name] = "CONFLICT: " + " and ".join(claimants)
+        return dict(sorted(out.items()))
 
     def __contains__(self, name: str) -> bool:
         try:

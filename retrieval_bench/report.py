@@ -474,7 +474,9 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
     x, axis, sym = _sweep_axis(runs)
     counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().sort_index().items())
     values = {c: ", ".join(map(_fmt, sorted(runs[c].dropna().unique()))) for c in ("task", x, "version")}
-    md = [f"# {name}", "", f"Store `{store}`: {len(runs)} runs ({counts}); tasks {values['task']}; "
+    # an absolute path names the writer's machine: keep only the file name then
+    shown = store if not Path(store).is_absolute() else Path(store).name
+    md = [f"# {name}", "", f"Store `{shown}`: {len(runs)} runs ({counts}); tasks {values['task']}; "
           f"{sym} = {values[x]}; {runs['seed'].nunique()} seeds; version {values['version'] or '–'}."]
 
     def section(stem: str) -> list[str]:

@@ -27,10 +27,12 @@ import math
 
 import torch
 
-# Chunk length of the query-backward form: long enough to amortise per-op overhead over many steps, short
-# enough that the per-chunk C×C products (three GEMMs of B·L·C·F multiply-adds per training step) stay cheap.
-# Measured on 2 CPU cores at B = 32, L = 600, F = 384.
+# Chunk lengths of the query-backward form. With one query per sequence (training) the sequential part is
+# tiny and per-op overhead dominates, against the per-chunk C×C products (B·L·C·F multiply-adds each); with
+# many queries (evaluation) the per-chunk products with the queries are GEMMs that want a longer chunk.
+# Measured on 2 CPU cores at B = 32, L = 600, F = 384 (training) and 20 sequences x 200 queries (evaluation).
 QUERY_CHUNK = 16
+MANY_QUERIES_CHUNK = 64
 
 
 def chunk_length(L: int, chunk: int) -> int:
@@ -55,20 +57,15 @@ def _chunks(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
 
 
 def unit_triangular_inverse(N: torch.Tensor, upper: bool) -> torch.Tensor:
-    """(I + N)⁻¹ for strictly triangular N (..., C, C).
+    """(I + N)⁻¹ for strictly triangular N (..., C, C), by a batched triangular solve.
 
-    N is nilpotent, so (I + N)⁻¹ = Σ_{i<C} (-N)^i = (I - N)(I + N²)(I + N⁴)···: log₂C pairs of batched
-    matmuls, cheaper on CPU than a batched triangular solve of many tiny systems, and exact (a finite sum).
+    Not by the finite series Σ_i (-N)^i: with large, correlated keys (l2-normalised positive features) the
+    powers of N grow combinatorially and cancel, which lost all float32 accuracy at C = 64; the solve was
+    also faster for C >= 8.
     """
     C = N.shape[-1]
-    P = -N
-    T = P + torch.eye(C, dtype=N.dtype, device=N.device)
-    span = 2
-    while span < C:
-        P = P @ P
-        T = T + T @ P
-        span *= 2
-    return T.triu() if upper else T.tril()  # the sum is exactly triangular; drop rounding noise outside
+    eye = torch.eye(C, dtype=N.dtype, device=N.device)
+    return torch.linalg.solve_triangular(N + eye, eye.expand_as(N), upper=upper, unitriangular=True)
 
 
 class _DeltaQueryRead(torch.autograd.Function):
@@ -170,7 +167,7 @@ class _DeltaQueryRead(torch.autograd.Function):
 
 
 def delta_query_read(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, q: torch.Tensor,
-                     rho: torch.Tensor | None = None, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+                     rho: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
     """Read W_L q after all L writes of the generalised delta rule, exactly, without forming W.
 
     The rule is W_t = W_{t-1}(I - β_t b_t a_tᵀ) + β_t v_t a_tᵀ with read key b_t = ρ_t a_t (ρ = 1: the plain
@@ -178,11 +175,14 @@ def delta_query_read(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, q: to
 
     Args:
         a: keys (B, L, F). v: values (B, L, V). beta: learning rates (B, L). q: queries (B, Q, F).
-        rho: read-key scales (B, L), or None for 1. chunk: steps per chunk.
+        rho: read-key scales (B, L), or None for 1. chunk: steps per chunk (default: by the number of
+            queries, ``QUERY_CHUNK`` or ``MANY_QUERIES_CHUNK``).
 
     Returns:
         (B, Q, V): Σ_t s_t v_t with s_t = β_t a_t·c_t, c_L = q, c_{t-1} = c_t - s_t b_t.
     """
+    if chunk is None:
+        chunk = QUERY_CHUNK if q.shape[1] < 16 else MANY_QUERIES_CHUNK
     return _DeltaQueryRead.apply(a, rho, v, beta, q, chunk)
 
 
@@ -324,24 +324,30 @@ def _fwm_write(W, a, v, beta):
     return W.div_(norm.clamp_min(1.0)[:, None, None]), norm, v_bar
 
 
+def _fwm_loop(a, v, beta, starts=()):
+    """W_L of FWM by the loop; also the states entering the steps in ``starts`` (None before step 0)."""
+    a_s, v_s, beta_s = a.unbind(1), v.unbind(1), beta[..., None].unbind(1)
+    starts = set(starts)
+    checkpoints = []
+    W = None
+    for t in range(a.shape[1]):
+        if t in starts:
+            checkpoints.append(W)
+        if t == 0:
+            W = (beta_s[0] * v_s[0])[:, :, None] * a_s[0][:, None, :]  # W_1 = β_1 v_1 ⊗ φ_1, no clipping
+        else:
+            W = _fwm_write(W, a_s[t], v_s[t], beta_s[t])[0]
+    return W, checkpoints
+
+
 class _FWMState(torch.autograd.Function):
     """W_L of Fast Weight Memory (PAPER §1.8), with a backward that recomputes states from checkpoints."""
 
     @staticmethod
     def forward(ctx, a, v, beta):
-        B, L, F = a.shape
-        sizes = fwm_segments(L)
+        sizes = fwm_segments(a.shape[1])
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        checkpoints = []
-        a_s, v_s, beta_s = a.unbind(1), v.unbind(1), beta[..., None].unbind(1)
-        W = None
-        for t in range(L):
-            if t in starts:
-                checkpoints.append(W)
-            if t == 0:
-                W = (beta_s[0] * v_s[0])[:, :, None] * a_s[0][:, None, :]  # W_1 = β_1 v_1 ⊗ φ_1, no clipping
-            else:
-                W = _fwm_write(W, a_s[t], v_s[t], beta_s[t])[0]
+        W, checkpoints = _fwm_loop(a, v, beta, starts)
         ctx.save_for_backward(a, v, beta)
         ctx.checkpoints = checkpoints  # plain attributes: freed one by one during the backward
         ctx.starts, ctx.sizes = starts, sizes
@@ -355,6 +361,9 @@ class _FWMState(torch.autograd.Function):
         ga, gv, gbeta = torch.zeros_like(a), torch.zeros_like(v), torch.zeros_like(beta)
         G = G.clone()
         checkpoints = ctx.checkpoints
+        if checkpoints is None:  # a second backward through the graph (retain_graph): checkpoint again
+            checkpoints = _fwm_loop(a, v, beta, ctx.starts)[1]
+        ctx.checkpoints = None  # the local list alone holds them now: each is freed once its segment is done
         for start, size in zip(reversed(ctx.starts), reversed(ctx.sizes), strict=True):
             W = checkpoints.pop()
             # Recompute the segment's states with the forward's own ops: bit-identical to the forward's.
@@ -390,7 +399,6 @@ class _FWMState(torch.autograd.Function):
                 gbeta[:, t] = (g_delta * (v_t - v_bar)).sum(-1)
                 ga[:, t] = _vm(delta, G) + _vm(g_vbar, W_prev)
                 G.addcmul_(g_vbar[:, :, None], a_t[:, None, :])
-        ctx.checkpoints = None
         return ga, gv, gbeta
 
 
@@ -407,4 +415,6 @@ def fwm_state(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Ten
     Returns:
         W_L (B, V, F).
     """
-    return _FWMState.apply(a, v, beta)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (a, v, beta)):
+        return _FWMState.apply(a, v, beta)
+    return _fwm_loop(a, v, beta)[0]  # no backward to come: no checkpoints

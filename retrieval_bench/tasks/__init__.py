@@ -58,7 +58,7 @@ class Task:
     name = ""
 
     def __init__(self, num_keys: int, num_values: int | None = None, seq_len: int | None = None,
-                 eval_sequences: int = 20, max_eval_queries: int = 200, eval_seq_len: int | None = None):
+                 eval_sequences: int = 20, max_eval_queries: int = 200, eval_seq_len: int | str | None = None):
         _check("num_keys", num_keys, 1)
         num_values = num_keys if num_values is None else num_values
         _check("num_values", num_values, 1)
@@ -67,6 +67,8 @@ class Task:
         self.num_keys, self.num_values = num_keys, num_values
         self.seq_len = self.default_seq_len() if seq_len is None else seq_len
         _check("seq_len", self.seq_len, 1)
+        if eval_seq_len == "train":  # evaluate at the training length (e.g. when sweeping the length)
+            eval_seq_len = self.seq_len
         self.eval_seq_len = self.default_eval_seq_len() if eval_seq_len is None else eval_seq_len
         _check("eval_seq_len", self.eval_seq_len, 1)
         self.eval_sequences, self.max_eval_queries = eval_sequences, max_eval_queries
@@ -133,7 +135,7 @@ class Overwrite(Task):
     """PAPER Setting 2: keys and values drawn with replacement; the most recent value of a key wins.
 
     L = ``length_factor``·S (2 by default). The evaluation sequences have length S as in the official code
-    (``eval_seq_len`` changes that).
+    (``eval_seq_len`` changes that; ``eval_seq_len = "train"`` evaluates at the training length).
     """
 
     name = "overwrite"
