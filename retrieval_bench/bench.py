@@ -210,7 +210,7 @@ def _median_ms(times: list[float]) -> float | None:
 
 def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", threads: int = 2,
               repeat: int = 5, batch_size: int = 32, d_key: int = 64, include_reference: bool = True,
-              reference_max_bytes: int = 4 * 2**30, warmup: int = 1, seed: int = 0,
+              reference_max_bytes: int = 2 * 2**30, warmup: int = 1, seed: int = 0,
               malloc_tuned: bool = True) -> list[dict]:
     """Time a training step and an evaluation per memory and size, fast form against reference loop.
 
@@ -350,6 +350,59 @@ def _difference(spec, S, tk, batch, d_key, seed, max_bytes):
     return d, L
 
 
+# ---------------------------------------------------------------------------------------------------- chunkwise
+def chunkwise_flops(batch: int, seq_len: int, d_feat: int, d_value: int, chunk: int) -> float:
+    """Floating-point operations of ``delta_chunkwise`` reading every position (matmuls only; the C×C
+    triangular solves add C³/3 per chunk, a few per cent at C = 64)."""
+    C = chunk
+    n = math.ceil(seq_len / C)
+    per_chunk = (6 * C * d_feat * d_value  # [W; Q] Sᵀ (2C rows), Kᵀ δ
+                 + 2 * C * C * (3 * d_feat + 2 * d_value))  # B Kᵀ, T B, T V, Q Kᵀ, tril(Q Kᵀ) δ
+    return float(batch * n * per_chunk)
+
+
+def chunkwise_throughput(batch: int = 16, seq_len: int = 1024, d_feat: int = 256, d_value: int = 256,
+                         chunk: int = 64, threads: int = 2, repeat: int = 5) -> dict:
+    """GFLOP/s of the all-positions chunkwise delta rule (forward, no autograd) against plain GEMMs.
+
+    Returns:
+        dict with ``ms`` (median), ``gflops`` (achieved), ``gemm_gflops`` (a (B·2C, F) x (F, V) matmul, the
+        shape of the loop's main product, batched as one GEMM) and ``peak_gflops`` (a 1024³ matmul).
+    """
+    from .memories.chunked import delta_chunkwise
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.rand(batch, seq_len, d_feat, generator=g), dim=-1)
+    q = torch.nn.functional.normalize(torch.rand(batch, seq_len, d_feat, generator=g), dim=-1)
+    v = torch.randn(batch, seq_len, d_value, generator=g)
+    beta = torch.rand(batch, seq_len, generator=g)
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    try:
+        with torch.no_grad():
+            t = timed(lambda: delta_chunkwise(k, v, beta, q, chunk=chunk))
+            a = torch.randn(batch * 2 * chunk, d_feat, generator=g)
+            b = torch.randn(d_feat, d_value, generator=g)
+            t_gemm = timed(lambda: a @ b)
+            x = torch.randn(1024, 1024, generator=g)
+            t_peak = timed(lambda: x @ x)
+    finally:
+        torch.set_num_threads(old)
+    return {"ms": t * 1e3, "gflops": chunkwise_flops(batch, seq_len, d_feat, d_value, chunk) / t / 1e9,
+            "gemm_gflops": 2 * batch * 2 * chunk * d_feat * d_value / t_gemm / 1e9,
+            "peak_gflops": 2 * 1024**3 / t_peak / 1e9}
+
+
 # ---------------------------------------------------------------------------------------------------- output
 def _fmt(x, spec: str) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -398,7 +451,10 @@ DEFAULT_MEMORIES = ("softmax", "dpfp-3/sum", "dpfp-3/delta", "favor-512/sum")
 @click.option("--no-reference", is_flag=True, help="Time only the fast forms.")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), default=None,
               help="Also append the rows to this results store (SQLite).")
-def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path):
+@click.option("--chunkwise", is_flag=True,
+              help="Also report the all-positions chunkwise delta rule's GFLOP/s (B 16, L 1024, F = V = 256).")
+def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
+                  chunkwise):
     """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
     rows = run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat,
                      batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
@@ -407,6 +463,11 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
     if worst is not None:
         click.echo(f"max |fast - reference| over outputs and gradients: {worst:.2e}")
     click.echo("peak MB: the training step's peak resident-memory increase above the live memory (VmHWM)")
+    if chunkwise:
+        for chunk in (32, 64):
+            r = chunkwise_throughput(chunk=chunk, threads=threads, repeat=repeat)
+            click.echo(f"chunkwise delta rule, chunk {chunk}: {r['ms']:.1f} ms, {r['gflops']:.1f} GFLOP/s "
+                       f"(matmul of the loop's shape {r['gemm_gflops']:.1f}, 1024³ matmul {r['peak_gflops']:.1f})")
     if store_path is not None:
         try:
             from .store import Store

@@ -121,6 +121,20 @@ def readout_rows(y: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> 
     return [(None, name, val) for name, val in zip(("margin", "target_rank", "accuracy"), out, strict=True)]
 
 
+def previous_write_values(key_ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The value last written under each step's key before that step (zeros at first writes).
+
+    key_ids (N, L), v (N, L, V) -> (N, L, V).
+    """
+    L = key_ids.shape[1]
+    same = key_ids[:, :, None] == key_ids[:, None, :]  # (N, t, j)
+    earlier = torch.ones(L, L, dtype=torch.bool, device=key_ids.device).tril(-1)
+    j = torch.arange(L, device=key_ids.device)
+    last = torch.where(same & earlier, j, -1).amax(-1)  # (N, L)
+    prev = torch.gather(v, 1, last.clamp_min(0)[..., None].expand(-1, -1, v.shape[-1]))
+    return torch.where((last >= 0)[..., None], prev, 0)
+
+
 def trace_rows(trace: dict[str, torch.Tensor], key_ids: torch.Tensor, mask: torch.Tensor, *,
                max_positions: int = 64, overwrite: bool | None = None) -> list[Row]:
     """Rows from a memory's trace.
@@ -147,6 +161,12 @@ def trace_rows(trace: dict[str, torch.Tensor], key_ids: torch.Tensor, mask: torc
             for part, which in (("first", first), ("rewrite", ~first)):
                 per_pos += [(f"contrast_cos_{part}", cos, which), (f"contrast_err_{part}", err, which)]
         per_pos.append(("interference", bar_norm, first))
+        if not bool(first.all()):
+            # at a rewrite, does the memory return what was written under this key before? (delta: yes, exactly;
+            # sum: a mix of every value the key ever had)
+            prev = previous_write_values(key_ids, v)  # (N, L, V)
+            recall = (v_bar * prev).sum(-1) / (bar_norm * prev.norm(dim=-1)).clamp_min(_TINY)
+            per_pos.append(("recall_cos_rewrite", recall, ~first))
     per_pos += [(name, trace[name].float(), None)
                 for name in ("state_norm", "normaliser", "normaliser_l1", "beta") if name in trace]
 

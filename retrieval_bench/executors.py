@@ -23,10 +23,22 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def setup_worker(threads: int) -> None:
-    """Per-worker settings: cap torch's threads so workers do not oversubscribe the cores."""
+    """Per-worker settings: cap torch's threads so workers do not oversubscribe the cores, and exit when the
+    driver is gone (a SIGKILLed driver cannot tell its pool to stop, and an orphan would hold a core)."""
+    import threading
+
     import torch
 
     torch.set_num_threads(max(1, threads))
+    parent = os.getppid()
+
+    def watch_parent():
+        while True:
+            time.sleep(2.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch_parent, daemon=True, name="watch-driver").start()
     try:
         from .bench import tune_malloc
     except ImportError:  # the bench module is optional here
@@ -149,7 +161,7 @@ class LocalExecutor(Executor):
                             todo.insert(0, cfg)
                 if broken:  # a dead worker poisons the whole pool: start a new one for the rest
                     log.warning("a worker process died; restarting the pool")
-                    for fut, cfg in pending.items():
+                    for cfg in pending.values():
                         todo.insert(0, cfg)
                     pending.clear()
                     pool.shutdown(wait=False, cancel_futures=True)

@@ -87,10 +87,16 @@ class _DPFPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, n):
-        u = torch.cat([F.relu(x), F.relu(-x)], dim=-1)  # (..., D), D = 2K
-        D = u.shape[-1]
-        # u_ext = [u_{D-n..D-1}, u, u_{0..n-1}]: roll(u, ±j), j <= n, is a slice of it, not a copy.
-        u_ext = torch.cat([u[..., D - n:], u, u[..., :n]], dim=-1)  # (..., D + 2n)
+        K = x.shape[-1]
+        D = 2 * K
+        # u = [relu(x); relu(-x)] (..., D), written inside u_ext = [u_{D-n..D-1}, u, u_{0..n-1}] (..., D + 2n),
+        # where roll(u, ±j), j <= n, is a slice, not a copy.
+        u_ext = x.new_empty(*x.shape[:-1], D + 2 * n)
+        u = u_ext[..., n: n + D]
+        torch.clamp_min(x, 0.0, out=u[..., :K])
+        torch.neg(x, out=u[..., K:]).clamp_min_(0.0)
+        u_ext[..., :n] = u[..., D - n:]
+        u_ext[..., n + D:] = u[..., :n]
         out = u.new_empty(*u.shape[:-1], n, D)
         for j in range(1, n + 1):  # block j: u_i · u_{(i - j) mod D}
             torch.mul(u, u_ext[..., n - j: n - j + D], out=out[..., j - 1, :])
@@ -221,17 +227,15 @@ class _FavorFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, omega, phi = ctx.saved_tensors
+        m = omega.shape[1]
         gz = g * phi  # ∂φ/∂z = φ
-        # ∂z/∂x = [Ω, -Ω]ᵀ - x: one GEMM against [Ω, -Ω; 1] gives both terms' reductions over the 2m features.
-        ones = torch.ones(1, 2 * omega.shape[1], dtype=omega.dtype, device=omega.device)
-        r = gz @ torch.cat([torch.cat([omega, -omega], dim=1), ones]).t()  # (..., K + 1)
-        K = x.shape[-1]
-        gx = r[..., :K] - r[..., K:] * x
+        # z = [xΩ, -xΩ] - ‖x‖²/2: ∂/∂x = (gz₊ - gz₋) Ωᵀ - (Σ gz) x, one GEMM over m features, not 2m
+        d = torch.sub(gz[..., :m], gz[..., m:])
+        gx = torch.addcmul(d @ omega.t(), gz.sum(-1, keepdim=True), x, value=-1)
         gomega = None
         if ctx.needs_input_grad[1]:
-            m = omega.shape[1]
-            gz2 = gz.reshape(-1, 2 * m)
-            gomega = x.reshape(-1, K).t() @ (gz2[:, :m] - gz2[:, m:])
+            K = x.shape[-1]
+            gomega = x.reshape(-1, K).t() @ d.reshape(-1, m)
         return gx, gomega, None
 
 

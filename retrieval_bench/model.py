@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .memories import Memory, memory
+from .memories.chunked import mark_one_hot
 
 
 class RetrievalModel(nn.Module):
@@ -78,6 +79,7 @@ class RetrievalModel(nn.Module):
         v = torch.zeros(*values.shape, V, dtype=k.dtype, device=k.device)
         offsets = torch.arange(values.numel(), device=values.device) * V + values.reshape(-1)
         v.view(-1).index_fill_(0, offsets, 1.0)
+        mark_one_hot(v, values)  # lets the fast forms gather by id instead of reading all B·L·V entries
         B, Q = queries.shape
         if B * Q > self.num_keys:  # many queries (evaluation): project the S embedding rows once, then gather
             table = torch.addmm(self.W_q.bias, self.embedding, self.W_q.weight.t())  # (S, K)

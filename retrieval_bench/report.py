@@ -54,7 +54,7 @@ STABILITY = [
 ]
 CONTRAST = [  # a cosine lives in [-1, 1]: always a linear axis
     (("contrast_cos",), r"$\cos(\bar v_t, v_t)$, all writes", "position", "linear"),
-    (("contrast_cos_first",), r"$\cos(\bar v_t, v_t)$, first writes", "position", "linear"),
+    (("recall_cos_rewrite",), r"$\cos(\bar v_t, v_{prev})$, rewrites", "position", "linear"),
     (("contrast_cos_rewrite",), r"$\cos(\bar v_t, v_t)$, rewrites", "position", "linear"),
     (("interference",), r"interference $\|\bar v_t\|$, first writes", "position", "auto"),
 ]

@@ -105,3 +105,11 @@ def test_cli_without_reference(flag):
     result = CliRunner().invoke(bench_command, args)
     assert result.exit_code == 0, result.output
     assert "reference" not in result.output.split("max")[0].replace("fast - reference", "")
+
+
+def test_chunkwise_throughput_reports_rates():
+    from retrieval_bench import bench
+
+    r = bench.chunkwise_throughput(batch=2, seq_len=64, d_feat=16, d_value=8, chunk=16, threads=1, repeat=1)
+    assert set(r) == {"ms", "gflops", "gemm_gflops", "peak_gflops"} and all(x > 0 for x in r.values())
+    assert bench.chunkwise_flops(1, 64, 16, 8, 16) == 4 * (6 * 16 * 16 * 8 + 2 * 16 * 16 * (3 * 16 + 2 * 8))

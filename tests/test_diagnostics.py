@@ -268,3 +268,24 @@ def test_stability_tracker_collects():
     rows = StabilityTracker(max_positions=2).collect(model, ev, step=10, grad_norm=1.5, loss=0.4)
     m = by_metric(rows)
     assert m["grad_norm"] == {None: 1.5} and set(m["state_norm"]) == {0, 5}
+
+
+def test_recall_at_rewrites_is_exact_under_delta_and_a_mix_under_sum():
+    """Key 0 written three times: at t = 2 delta (β = 1) returns exactly the value of t = 1; sum returns
+    v_0 + v_1, whose cosine with v_1 is 1/√2."""
+    import math
+
+    import retrieval_bench as rb
+    from retrieval_bench.diagnostics import previous_write_values, trace_rows
+
+    key_ids = torch.tensor([[0, 0, 0]])
+    k = torch.eye(3)[[0, 0, 0]][None].double()
+    v = torch.eye(4)[[1, 2, 3]][None].double()
+    prev = previous_write_values(key_ids, v)
+    assert torch.equal(prev[0, 2], v[0, 1]) and torch.equal(prev[0, 1], v[0, 0]) and prev[0, 0].abs().sum() == 0
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for spec, expected in (("identity/delta/none", 1.0), ("identity/sum/none", 1 / math.sqrt(2))):
+        mem = rb.memory(spec, d_key=3)
+        tr = mem.trace(k, v, torch.ones(1, 3, dtype=torch.float64), k[:, :1])
+        rows = {(p, m): val for p, m, val in trace_rows(tr, key_ids, mask)}
+        assert rows[(2, "recall_cos_rewrite")] == pytest.approx(expected)

@@ -20,12 +20,16 @@ import torch.nn.functional as F
 
 import retrieval_bench as rb
 from retrieval_bench.feature_maps import DPFP, FavorPlus
+from retrieval_bench.memories import chunked
 from retrieval_bench.memories.chunked import (
     chunk_length,
     delta_chunkwise,
     delta_query_read,
+    fwm_peak_states,
     fwm_segments,
     fwm_state,
+    mark_one_hot,
+    one_hot_ids,
     sum_read,
     unit_triangular_inverse,
 )
@@ -247,18 +251,26 @@ def test_sum_read_equals_explicit_state(q, eps):
 
 
 # ---------------------------------------------------------------------------------------------------- FWM
-def test_fwm_segments_cover_the_sequence_and_shrink():
-    for L in (1, 2, 3, 7, 120, 600):
-        sizes = fwm_segments(L)
-        assert sum(sizes) == L and all(s >= 1 for s in sizes)
-        assert sizes == sorted(sizes, reverse=True)
-        # live states while the backward does segment i: checkpoints 0..i plus that segment's states
-        assert max(i + 1 + s for i, s in enumerate(sizes)) <= math.ceil(math.sqrt(2 * L)) + 2
+def test_fwm_segments_cover_the_sequence_and_bound_the_live_states():
+    for L in (1, 2, 3, 7, 120, 600, 1000):
+        for levels in (1, 2):
+            sizes = fwm_segments(L, levels)
+            assert sum(sizes) == L and all(s >= 1 for s in sizes)
+            assert sizes == sorted(sizes, reverse=True)
+        # live states while the backward does segment i: checkpoints 0..i plus the segment's working states
+        one = fwm_segments(L)
+        assert max(i + 1 + s for i, s in enumerate(one)) <= fwm_peak_states(L) <= math.sqrt(2 * L) + 2
+        two = fwm_segments(L, 2)
+        assert max(i + fwm_peak_states(s) for i, s in enumerate(two)) <= fwm_peak_states(L, 2)
+    assert fwm_peak_states(600, 2) <= 16 < fwm_peak_states(600) <= 36
 
 
 @pytest.mark.parametrize("l", [1, 2, 40, 120])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fwm_state_equals_the_loop_and_allows_a_second_backward(l, dtype):
+@pytest.mark.parametrize("levels", [1, 2])
+def test_fwm_state_equals_the_loop_and_allows_a_second_backward(l, dtype, levels, monkeypatch):
+    if levels == 2:  # a zero budget makes every state "large": two levels of checkpoints
+        monkeypatch.setattr(chunked, "FWM_STATE_BUDGET", 0)
     rule = FWMRule()
     a = torch.tanh(2 * torch.randn(2, l, 6, dtype=dtype)).requires_grad_()
     v = torch.randn(2, l, 5, dtype=dtype, requires_grad=True)
@@ -337,3 +349,51 @@ def test_favor_custom_function_equals_the_formula(scale, dtype):
 def test_exp_is_exactly_zero_where_favor_skips_it():
     z = torch.linspace(-140.0, -100.0, 400_001)
     assert (torch.exp(z[z <= -104.0]) == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------- one-hot values
+@pytest.mark.parametrize("rule", ["sum", "sum+attn", "delta", "delta+attn"])
+@pytest.mark.parametrize("repeats", [False, True], ids=["permutation", "repeats"])
+def test_one_hot_values_read_by_id_equal_the_dense_read(rule, repeats):
+    """The model marks its one-hot values with their ids; the fast forms then gather/scatter by id."""
+    B, L, V, F_ = 3, 37, 40, 9
+    g = torch.Generator().manual_seed(5)
+    ids = (torch.randint(0, 5, (B, L), generator=g) if repeats
+           else torch.stack([torch.randperm(V, generator=g)[:L] for _ in range(B)]))
+    a = _features(B, L, F_, torch.float64, 3).requires_grad_()
+    beta = torch.rand(B, L, generator=g, dtype=torch.float64).requires_grad_()
+    q = _features(B, 1, F_, torch.float64, 4).requires_grad_()
+    name, _, attn = rule.partition("+")
+    mem_rule = rb.update_rule(name)
+
+    def read(v):
+        gates = {"beta": beta} if name == "delta" else {}
+        return mem_rule.forward(a, v, q, gates, attn == "attn")
+
+    dense = F.one_hot(ids, V).double()
+    marked = mark_one_hot(dense.clone(), ids)
+    assert one_hot_ids(marked) is ids and one_hot_ids(dense) is None
+    y, y_ref = read(marked), read(dense)
+    leaves = [a, q] + ([beta] if name == "delta" else [])
+    cot = torch.randn_like(y)
+    assert_rel(y, y_ref, 1e-12)
+    for g_fast, g_ref in zip(grads(y, leaves, cot), grads(y_ref, leaves, cot), strict=True):
+        assert_rel(g_fast, g_ref, 1e-12)
+
+
+def test_one_hot_mark_is_dropped_by_an_in_place_change():
+    ids = torch.tensor([[0, 2, 1]])
+    v = mark_one_hot(F.one_hot(ids, 3).float(), ids)
+    v.mul_(2.0)
+    assert one_hot_ids(v) is None
+    a, q = torch.rand(1, 3, 4), torch.rand(1, 1, 4)
+    torch.testing.assert_close(sum_read(a, v, q), (q @ a.transpose(1, 2)) @ v)
+
+
+def test_model_marks_its_one_hot_values():
+    model = rb.RetrievalModel(6, "dpfp-1/delta", d_key=4)
+    keys, values = torch.stack([torch.randperm(6) for _ in range(2)]), torch.stack([torch.randperm(6)
+                                                                                     for _ in range(2)])
+    _, v, _, _, _ = model.inputs(keys, values, keys[:, :1])
+    assert torch.equal(one_hot_ids(v), values)
+    assert torch.equal(v, F.one_hot(values, 6).float())

@@ -67,9 +67,6 @@ def test_gradcheck_fast_form(spec, l, make_inputs):
     assert torch.autograd.gradcheck(lambda *x: mem(*x), inputs, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="FWMRule.forward's custom backward (chunked._FWMState) pops its "
-                   "checkpoints and sets ctx.checkpoints = None, so a second backward through the same graph "
-                   "(retain_graph=True, autograd.grad twice, gradcheck) raises AttributeError")
 def test_fwm_fast_form_allows_a_second_backward(make_inputs):
     mem = rb.memory("tanh/fwm", d_key=3)
     keys, values, betas, queries = make_inputs(1, 5, 3, 2, 2)
@@ -164,8 +161,6 @@ def test_contract_evaluation_form_matches_reference(memory_spec, build_memory, m
 
     Small β keep even the unnormalised and signed-feature memories from blowing up over 70 steps, and the
     tolerance is relative to the output's scale, since a few of those still grow large."""
-    if memory_spec == "linear/delta/none":  # unnormalised elu+1 keys: large and correlated
-        request.applymarker(EVAL_PATH_BUG)
     mem = build_memory(memory_spec, d_key=K)
     l, q = 70, 7
     keys, values, betas, queries = make_inputs(B, l, K, V, q, requires_grad=False)
@@ -177,16 +172,11 @@ def test_contract_evaluation_form_matches_reference(memory_spec, build_memory, m
     torch.testing.assert_close(y, y_ref, atol=1e-9 * scale, rtol=1e-9)
 
 
-EVAL_PATH_BUG = pytest.mark.xfail(strict=True, reason=(
-    "DeltaRule.forward's no-grad path for Q > V (delta_chunkwise, chunk 64) forms the explicit UT-transform "
-    "inverse, whose entries grow exponentially with the chunk length when keys are large and correlated "
-    "(positive features, l2 or no normalisation): O(1) float32 errors at L = 64"))
-
 
 @pytest.mark.parametrize(
     "spec",
     ["linear/delta", "dpfp-1/delta", "linear/delta/sum+attn", "dpfp-2/delta/l2",
-     "identity/delta/l2", pytest.param("linear/delta/l2", marks=EVAL_PATH_BUG)],
+     "identity/delta/l2", "linear/delta/l2"],
 )
 def test_evaluation_form_is_accurate_in_float32(spec):
     """The evaluation read (no autograd, Q > V, one chunk of 64 writes) in the precision that runs use."""

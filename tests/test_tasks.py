@@ -236,3 +236,9 @@ def test_bad_batch_size_raises():
 def test_unknown_task_is_a_registry_error():
     with pytest.raises(rb.RegistryError, match="did you mean 'overwrite'"):
         rb.task("overwrit", num_keys=4)
+
+
+def test_eval_at_the_training_length():
+    t = rb.task("overwrite", num_keys=5, seq_len=30, eval_seq_len="train")
+    ev = t.eval_set(torch.Generator().manual_seed(0))
+    assert t.eval_seq_len == 30 and ev.keys.shape[1] == 30

@@ -1,4 +1,4 @@
-"""Exact fast forms of the delta-rule family and of FWM (DESIGN §4): chunked, matmul-rich, memory-light.
+"""Exact fast forms of the update rules (DESIGN §4): chunked, matmul-rich, memory-light.
 
 Every function here computes the same numbers as the per-step loop of ``reference.py`` (up to float rounding);
 none approximates. Orientation as in the paper: the fast weight W ∈ R^{V×F} is read as W φ(q).
@@ -12,13 +12,18 @@ with write key a_t and read key b_t (b = a for the plain rule, b_t = a_t / c_t w
 * ``delta_query_read``: the training form. The query is read once after the last write, so the query travels
   backwards as an F-vector, c_{t-1} = c_t - s_t b_t with s_t = β_t a_t·c_t, and ŷ = Σ_t s_t v_t. Steps are
   grouped in chunks of C: within a chunk the C scalars s solve a small unit-triangular system whose inverse
-  T (C×C) does not depend on the query, so all T are formed at once and the sequential part is two small
+  T (C×C) does not depend on the query, so all T are formed at once and the sequential part is three small
   matmuls per chunk. A hand-written backward (the adjoint recursion of the same scalars, which runs forward in
   time with the transposed T) keeps only O(L·Q) numbers plus one F-vector per chunk, never a V×F state.
 * ``delta_chunkwise``: the all-positions form of Yang et al. 2024 (WY / UT transform; PAPER §5), for tasks
   that read at every position, and to build the final state W explicitly (evaluation with many queries).
+* ``sum_read``: the sum rule's read, Σ_t v_t (a_t·q), with a backward that hands the feature map a
+  contiguous gradient.
 * ``fwm_state``: Fast Weight Memory's loop, whose norm clipping admits no parallel form. Its backward
-  recomputes states from checkpoints, so training keeps O(√L) states instead of L.
+  recomputes states from checkpoints, so training keeps O(√L) states (or O(L^⅓)) instead of L.
+
+The retrieval model's values are one-hots; where it has marked them (``mark_one_hot``) the reads gather and
+scatter by value id instead of reading B·L·V floats.
 """
 
 from __future__ import annotations
@@ -56,6 +61,45 @@ def _chunks(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
     return x.reshape(B, n, C, *x.shape[2:])
 
 
+# One-hot values. The retrieval model's values are one-hots (B, L, V) of value ids; reading them densely costs
+# a pass over B·L·V floats per product, where a gather or scatter over the ids costs B·L·Q. The model marks
+# the one-hot tensor it builds with its ids and version; a later in-place change bumps the version and drops
+# the mark, so a stale mark is never used. Gathers are exact; scatter-adds sum repeated ids in another order.
+_ONE_HOT_MARK = "_retrieval_bench_one_hot"
+
+
+def mark_one_hot(v: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Record that ``v`` (..., V) is exactly onehot(ids) (...,), so that reads may gather instead."""
+    setattr(v, _ONE_HOT_MARK, (ids, v._version))
+    return v
+
+
+def one_hot_ids(v: torch.Tensor) -> torch.Tensor | None:
+    """The ids (B, L) that ``v`` is the one-hot of, if so marked and unchanged since, and v needs no grad."""
+    mark = getattr(v, _ONE_HOT_MARK, None)
+    if mark is None or mark[1] != v._version or v.requires_grad:
+        return None
+    return mark[0]
+
+
+def _values_read(S: torch.Tensor, v: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """Σ_t S[b, q, t] v[b, t]: S (B, Q, L') with L' >= L (extra columns are zero), v (B, L, V) -> (B, Q, V)."""
+    L = v.shape[1]
+    if ids is None:
+        return S[..., :L] @ v
+    B, Q = S.shape[:2]
+    y = S.new_zeros(B, Q, v.shape[2])
+    return y.scatter_add_(2, ids[:, None, :].expand(B, Q, L), S[..., :L])
+
+
+def _values_grad(gy: torch.Tensor, v: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """v[b, t]·gy[b, q] for every t: gy (B, Q, V), v (B, L, V) -> (B, Q, L)."""
+    if ids is None:
+        return gy @ v.transpose(1, 2)
+    B, Q = gy.shape[:2]
+    return torch.gather(gy, 2, ids[:, None, :].expand(B, Q, ids.shape[1]))
+
+
 def unit_triangular_inverse(N: torch.Tensor, upper: bool) -> torch.Tensor:
     """(I + N)⁻¹ for strictly triangular N (..., C, C), by a batched triangular solve.
 
@@ -66,6 +110,16 @@ def unit_triangular_inverse(N: torch.Tensor, upper: bool) -> torch.Tensor:
     C = N.shape[-1]
     eye = torch.eye(C, dtype=N.dtype, device=N.device)
     return torch.linalg.solve_triangular(N + eye, eye.expand_as(N), upper=upper, unitriangular=True)
+
+
+def _small_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x (..., P, C) @ m (..., C, D) for many small matrices: broadcast and sum where P or C is 1, since a
+    batched GEMM of thousands of 1-row (or rank-1) products is dominated by its per-matrix overhead."""
+    if x.shape[-2] == 1:
+        return (x.transpose(-1, -2) * m).sum(-2, keepdim=True)
+    if x.shape[-1] == 1:
+        return x * m
+    return x @ m
 
 
 class _DeltaQueryRead(torch.autograd.Function):
@@ -84,55 +138,66 @@ class _DeltaQueryRead(torch.autograd.Function):
         A = _chunks(a, n, C)  # (B, n, C, F)
         be = _chunks(beta, n, C)  # (B, n, C)
         rh = None if rho is None else _chunks(rho, n, C)
-        Vc = _chunks(v, n, C).reshape(B, n * C, -1)  # (B, nC, V)
+        ids = one_hot_ids(v)
         AA = A @ A.transpose(-1, -2)  # (B, n, C, C), symmetric
         # U[i, j] = a_i·b_j (j > i): how a later write of the chunk changes what an earlier step's query sees.
         U = AA.triu(1) if rh is None else AA.triu(1) * rh[..., None, :]
         T = unit_triangular_inverse(be[..., :, None] * U, upper=True)
-        Tt = T.transpose(-1, -2)
+        Mb = T.transpose(-1, -2) * be[..., :, None]  # diag(β) Tᵀ: s = p Mb for p = c_end Aᵀ
+        # The sequential part: three small matmuls per chunk; per-chunk tensors by unbind (views), results
+        # collected in lists and stacked once.
+        A_k, Mb_k = A.unbind(1), Mb.unbind(1)
+        rh_k = [None] * n if rh is None else rh[:, :, None, :].unbind(1)
         c = q
-        S = q.new_empty(B, n, Q, C)
-        P0 = q.new_empty(B, n, Q, C)  # c_end·a_t, kept for the backward
-        c_end = q.new_empty(B, n, Q, F)
+        Ps, Ss, Cs = [], [], []
         for k in range(n - 1, -1, -1):
-            c_end[:, k] = c
-            A_k = A[:, k]  # (B, C, F)
-            p = c @ A_k.transpose(1, 2)  # (B, Q, C); a row-vector product when Q = 1
-            P0[:, k] = p
-            s = (p * be[:, k, None, :]) @ Tt[:, k]
-            S[:, k] = s
-            c = c - (s if rh is None else s * rh[:, k, None, :]) @ A_k
-        y = S.permute(0, 2, 1, 3).reshape(B, Q, n * C) @ Vc  # (B, Q, V): Σ_t s_t v_t
-        ctx.save_for_backward(A, rh, be, Vc, AA, U, T, S, P0, c_end)
+            Cs.append(c)
+            p = torch.bmm(c, A_k[k].transpose(1, 2))  # (B, Q, C); a row-vector product when Q = 1
+            s = torch.bmm(p, Mb_k[k])
+            Ps.append(p)
+            Ss.append(s)
+            c = torch.baddbmm(c, s if rh_k[k] is None else s * rh_k[k], A_k[k], alpha=-1)
+        S = torch.stack(Ss[::-1], dim=1)  # (B, n, Q, C)
+        P0 = torch.stack(Ps[::-1], dim=1)  # c_end·a_t, kept for the backward
+        c_end = torch.stack(Cs[::-1], dim=1)  # (B, n, Q, F)
+        y = _values_read(S.permute(0, 2, 1, 3).reshape(B, Q, n * C), v, ids)  # (B, Q, V): Σ_t s_t v_t
+        ctx.save_for_backward(A, rh, be, v, ids, AA, U, T, S, P0, c_end)
         ctx.shape = (B, L, F, Q, n, C)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        A, rh, be, Vc, AA, U, T, S, P0, c_end = ctx.saved_tensors
+        A, rh, be, v, ids, AA, U, T, S, P0, c_end = ctx.saved_tensors
         B, L, F, Q, n, C = ctx.shape
         need_a, need_rho, need_v, need_beta, need_q = ctx.needs_input_grad[:5]
         S_rows = S.permute(0, 2, 1, 3).reshape(B, Q, n * C)  # (B, Q, nC)
         gv = (S_rows.transpose(1, 2) @ gy)[:, :L] if need_v else None  # (B, L, V)
-        gS = (gy @ Vc.transpose(1, 2)).reshape(B, Q, n, C).permute(0, 2, 1, 3)  # (B, n, Q, C): v_t·gy
+        gS = _values_grad(gy, v, ids)  # (B, Q, L): v_t·gy
+        if n * C > L:
+            gS = torch.cat([gS, gS.new_zeros(B, Q, n * C - L)], dim=2)
+        gS = gS.reshape(B, Q, n, C).permute(0, 2, 1, 3)  # (B, n, Q, C)
         # Adjoint of c_{t-1} = c_t - s_t b_t, s_t = β_t a_t·c_t. With r_t the total gradient of s_t and g the
         # gradient of c: g_t = g_{t-1} + r_t β_t a_t, r_t = gS_t - b_t·g_{t-1}. It runs forward in time, and
         # within a chunk r solves the transposed system: r = (gS - ρ ⊙ g_start Aᵀ) T.
+        gST = _small_matmul(gS, T)  # (B, n, Q, C)
+        A_k, T_k, gST_k = A.unbind(1), T.unbind(1), gST.unbind(1)
+        be_k = be[:, :, None, :].unbind(1)
+        rh_k = [None] * n if rh is None else rh[:, :, None, :].unbind(1)
         g = gy.new_zeros(B, Q, F)
-        R = gy.new_empty(B, n, Q, C)
-        G0 = gy.new_empty(B, n, Q, C)  # g_start·a_t
-        g_start = gy.new_empty(B, n, Q, F)
+        Rs, G0s, Gs = [], [], []
         for k in range(n):
-            g_start[:, k] = g
-            A_k = A[:, k]
-            gA = g @ A_k.transpose(1, 2)  # (B, Q, C)
-            G0[:, k] = gA
-            r = (gS[:, k] - (gA if rh is None else gA * rh[:, k, None, :])) @ T[:, k]
-            R[:, k] = r
-            g = g + (r * be[:, k, None, :]) @ A_k
+            Gs.append(g)
+            gA = torch.bmm(g, A_k[k].transpose(1, 2))  # (B, Q, C)
+            G0s.append(gA)
+            r = torch.baddbmm(gST_k[k], gA if rh_k[k] is None else gA * rh_k[k], T_k[k], alpha=-1)
+            Rs.append(r)
+            g = torch.baddbmm(g, r * be_k[k], A_k[k])
+        R = torch.stack(Rs, dim=1)  # (B, n, Q, C)
+        G0 = torch.stack(G0s, dim=1)  # g_start·a_t
+        g_start = torch.stack(Gs, dim=1)  # (B, n, Q, F)
         gq = g if need_q else None
-        RtS = R.transpose(-1, -2) @ S  # (B, n, C, C): [i, j] = Σ_q r_i s_j
+        RtS = _small_matmul(R.transpose(-1, -2), S)  # (B, n, C, C): [i, j] = Σ_q r_i s_j
         M1 = RtS.triu(1)
         ga = grho = None
         if need_a:
@@ -161,7 +226,7 @@ class _DeltaQueryRead(torch.autograd.Function):
         gbeta = None
         if need_beta:
             # β_t receives r_t (a_t·c_t), with a_t·c_t = a_t·c_end - Σ_{j>t} s_j U[t, j].
-            P = P0 - S @ U.transpose(-1, -2)  # (B, n, Q, C)
+            P = P0 - _small_matmul(S, U.transpose(-1, -2))  # (B, n, Q, C)
             gbeta = (R * P).sum(2).reshape(B, n * C)[:, :L]
         return ga, grho, gv, gbeta, gq, None
 
@@ -218,24 +283,27 @@ def delta_chunkwise(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, q: tor
     T = T * be.transpose(-1, -2)
     Wm = T @ Bk  # (B, n, C, F)
     Um = T @ _chunks(v, n, C)  # (B, n, C, V)
-    if q is not None:
-        Qc = _chunks(q, n, C)
-        QK = (Qc @ K.transpose(-1, -2)).tril()  # (B, n, C, C), the diagonal too: reads follow the write
-        # One GEMM serves both the state's correction of U and the query's read of the incoming state.
-        WQ = torch.cat([Wm, Qc], dim=2)  # (B, n, 2C, F)
-    else:
-        WQ = Wm
+    Qc = _chunks(q, n, C) if q is not None else None
+    # the diagonal too in Q Kᵀ: a position reads after its own write
+    QK = (Qc @ K.transpose(-1, -2)).tril() if q is not None else None  # (B, n, C, C)
     St = k.new_zeros(B, F, Vd) if initial_state is None else initial_state.transpose(1, 2)  # Sᵀ (B, F, V)
+    tensors = (k, v, beta, b, St) + ((q,) if q is not None else ())
+    in_place = not (torch.is_grad_enabled() and any(x.requires_grad for x in tensors))
+    if in_place and initial_state is not None:
+        St = St.clone()  # the caller's state stays as it was
     outs = []
     # unbind, not [:, i]: indexing inside an autograd loop makes the backward quadratic in the chunk count.
-    per_chunk = zip(WQ.unbind(1), Um.unbind(1), K.unbind(1), QK.unbind(1) if q is not None else [None] * n,
-                    strict=True)
-    for wq, u, kc, qk in per_chunk:
-        prod = wq @ St  # (B, 2C, V) or (B, C, V)
-        delta = u - prod[:, :C]
-        if qk is not None:
-            outs.append(prod[:, C:] + qk @ delta)
-        St = St + kc.transpose(1, 2) @ delta
+    none = [None] * n
+    per_chunk = zip(Wm.unbind(1), Um.unbind(1), K.unbind(1), none if q is None else Qc.unbind(1),
+                    none if q is None else QK.unbind(1), strict=True)
+    for w, u, kc, qc, qk in per_chunk:
+        delta = torch.baddbmm(u, w, St, alpha=-1)  # (B, C, V): U - W Sᵀ
+        if qc is not None:
+            outs.append(torch.baddbmm(torch.bmm(qc, St), qk, delta))
+        if in_place:  # without autograd the state can be updated where it is
+            St.baddbmm_(kc.transpose(1, 2), delta)
+        else:
+            St = torch.baddbmm(St, kc.transpose(1, 2), delta)
     y = torch.cat(outs, dim=1)[:, :L] if q is not None else None
     return y, St.transpose(1, 2)
 
@@ -246,21 +314,22 @@ class _SumRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, v, q, eps):
         s = a @ q.transpose(1, 2)  # (B, L, Q): a column mat-vec when Q = 1, which is fast
-        y = s.transpose(1, 2) @ v  # (B, Q, V)
+        ids = one_hot_ids(v)
+        y = _values_read(s.transpose(1, 2), v, ids)  # (B, Q, V)
         den = None
         if eps is not None:
             den = s.sum(1)[..., None] + eps  # (B, Q, 1)
             y = y / den
-        ctx.save_for_backward(a, v, q, s, y, den)
+        ctx.save_for_backward(a, v, ids, q, s, y, den)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        a, v, q, s, y, den = ctx.saved_tensors
+        a, v, ids, q, s, y, den = ctx.saved_tensors
         need_a, need_v, need_q = ctx.needs_input_grad[:3]
         g_num = gy if den is None else gy / den  # (B, Q, V)
-        gs = v @ g_num.transpose(1, 2)  # (B, L, Q)
+        gs = _values_grad(g_num, v, ids).transpose(1, 2)  # (B, L, Q)
         if den is not None:
             gs = gs - (gy * y).sum(-1)[:, None, :] / den.transpose(1, 2)  # through the normaliser
         Q = q.shape[1]
@@ -285,17 +354,31 @@ def sum_read(a: torch.Tensor, v: torch.Tensor, q: torch.Tensor, eps: float | Non
     return _SumRead.apply(a, v, q, eps)
 
 
-def fwm_segments(L: int) -> list[int]:
+# FWM keeps its checkpoints in two levels where one level would hold more than this many bytes of states.
+FWM_STATE_BUDGET = 128 * 2**20
+
+
+def fwm_peak_states(L: int, levels: int = 1) -> int:
+    """States alive at once in FWM's backward over L steps with ``fwm_segments(L, levels)``."""
+    P = 2
+    while (P * (P - 1) // 2 if levels == 1 else (P + 1) * P * (P - 1) // 6) < L:
+        P += 1
+    return P
+
+
+def fwm_segments(L: int, levels: int = 1) -> list[int]:
     """Segment lengths for FWM's checkpointed backward, longest first, summing to L.
 
-    The backward walks segments last to first, holding the checkpoints of the segments not yet done plus the
-    recomputed states of the current one. Lengths m, m-1, ..., 1 keep that sum at about m + 1 ≈ √(2L) states
-    at every moment, against 2√L for equal segments.
+    The backward walks segments last to first, holding the checkpoints of segments 0..i while it does
+    segment i, plus that segment's working states. With one level those are the segment's recomputed states:
+    lengths P-1, P-2, ..., 1 keep the total at P ≈ √(2L) at every moment (equal segments need 2√L). With two
+    levels a segment is itself split the same way, holding about √(2s) states for s steps, so lengths
+    b(b-1)/2 for b = P, P-1, ..., 2 keep the total at P ≈ (6L)^⅓, for one more forward pass of recompute.
     """
-    m = math.ceil((math.sqrt(8 * L + 1) - 1) / 2)  # smallest m with m(m+1)/2 >= L
+    P = fwm_peak_states(L, levels)
     sizes, left = [], L
-    for size in range(m, 0, -1):
-        take = min(size, left)
+    for b in range(P, 1, -1):
+        take = min(b - 1 if levels == 1 else b * (b - 1) // 2, left)
         if take:
             sizes.append(take)
         left -= take
@@ -324,20 +407,28 @@ def _fwm_write(W, a, v, beta):
     return W.div_(norm.clamp_min(1.0)[:, None, None]), norm, v_bar
 
 
-def _fwm_loop(a, v, beta, starts=()):
-    """W_L of FWM by the loop; also the states entering the steps in ``starts`` (None before step 0)."""
+def _fwm_step(W, t, a_s, v_s, beta_s):
+    """Step t of FWM from W = W_t (None at t = 0) -> (W_{t+1}, ‖W̃‖ before clamping, v̄)."""
+    if t == 0:  # W_1 = β_1 v_1 ⊗ φ_1, no clipping
+        return (beta_s[0] * v_s[0])[:, :, None] * a_s[0][:, None, :], None, None
+    return _fwm_write(W, a_s[t], v_s[t], beta_s[t])
+
+
+def _fwm_loop(a, v, beta, starts=(), W=None, first=0, steps=None):
+    """FWM's loop over steps first..first+steps-1 from W (the state entering ``first``; None before step 0).
+    Returns the final state and the states entering the steps in ``starts``."""
     a_s, v_s, beta_s = a.unbind(1), v.unbind(1), beta[..., None].unbind(1)
     starts = set(starts)
     checkpoints = []
-    W = None
-    for t in range(a.shape[1]):
+    for t in range(first, first + (a.shape[1] - first if steps is None else steps)):
         if t in starts:
             checkpoints.append(W)
-        if t == 0:
-            W = (beta_s[0] * v_s[0])[:, :, None] * a_s[0][:, None, :]  # W_1 = β_1 v_1 ⊗ φ_1, no clipping
-        else:
-            W = _fwm_write(W, a_s[t], v_s[t], beta_s[t])[0]
+        W = _fwm_step(W, t, a_s, v_s, beta_s)[0]
     return W, checkpoints
+
+
+def _starts(first: int, sizes: list[int]) -> list[int]:
+    return [first + sum(sizes[:i]) for i in range(len(sizes))]
 
 
 class _FWMState(torch.autograd.Function):
@@ -345,20 +436,25 @@ class _FWMState(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, v, beta):
-        sizes = fwm_segments(a.shape[1])
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        B, L, F = a.shape
+        state_bytes = B * v.shape[-1] * F * a.element_size()
+        levels = 2 if state_bytes * fwm_peak_states(L) > FWM_STATE_BUDGET else 1
+        sizes = fwm_segments(L, levels)
+        starts = _starts(0, sizes)
         W, checkpoints = _fwm_loop(a, v, beta, starts)
         ctx.save_for_backward(a, v, beta)
-        ctx.checkpoints = checkpoints  # plain attributes: freed one by one during the backward
-        ctx.starts, ctx.sizes = starts, sizes
+        ctx.checkpoints = checkpoints  # a plain attribute: freed one by one during the backward
+        ctx.starts, ctx.sizes, ctx.levels = starts, sizes, levels
         return W
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G):
         a, v, beta = ctx.saved_tensors
-        a_s, v_s, beta_s = a.unbind(1), v.unbind(1), beta[..., None].unbind(1)
-        ga, gv, gbeta = torch.zeros_like(a), torch.zeros_like(v), torch.zeros_like(beta)
+        steps = (a.unbind(1), v.unbind(1), beta[..., None].unbind(1))
+        # a gradient nobody asked for is not computed (the model's one-hot values need none: B·L·V floats)
+        grads = tuple(torch.zeros_like(x) if need else None
+                      for x, need in zip((a, v, beta), ctx.needs_input_grad, strict=True))
         G = G.clone()
         checkpoints = ctx.checkpoints
         if checkpoints is None:  # a second backward through the graph (retain_graph): checkpoint again
@@ -366,40 +462,71 @@ class _FWMState(torch.autograd.Function):
         ctx.checkpoints = None  # the local list alone holds them now: each is freed once its segment is done
         for start, size in zip(reversed(ctx.starts), reversed(ctx.sizes), strict=True):
             W = checkpoints.pop()
-            # Recompute the segment's states with the forward's own ops: bit-identical to the forward's.
-            states, norms, v_bars = [W], [], []
-            for t in range(start, start + size):
-                if t == 0:
-                    W, norm, v_bar = (beta_s[0] * v_s[0])[:, :, None] * a_s[0][:, None, :], None, None
-                else:
-                    W, norm, v_bar = _fwm_write(W, a_s[t], v_s[t], beta_s[t])
-                states.append(W)
-                norms.append(norm)
-                v_bars.append(v_bar)
-            for i in range(size - 1, -1, -1):
-                t = start + i
-                W_t, W_prev = states[i + 1], states[i]
-                states[i + 1] = None  # release as we go
-                b_t, a_t, v_t = beta_s[t], a_s[t], v_s[t]
-                if t == 0:  # W_1 = (β v) ⊗ a
-                    Ga = _mv(G, a_t)
-                    gv[:, 0] = b_t * Ga
-                    gbeta[:, 0] = (Ga * v_t).sum(-1)
-                    ga[:, 0] = _vm(b_t * v_t, G)
-                    break
-                norm, v_bar = norms[i], v_bars[i]
-                # Through W_t = W̃ / max(‖W̃‖, 1): the clamp passes the gradient where ‖W̃‖ >= 1 (torch's rule).
-                lam = torch.where(norm >= 1.0, (G * W_t).sum((1, 2)), torch.zeros_like(norm))
-                G = torch.addcmul(G, W_t, -lam[:, None, None]).div_(norm.clamp_min(1.0)[:, None, None])
-                # Through W̃ = W_{t-1} + δ ⊗ a with δ = β v + (1 - β) v̄ - v̄ and v̄ = W_{t-1} a.
-                delta = b_t * v_t + (1 - b_t) * v_bar - v_bar
-                g_delta = _mv(G, a_t)
-                g_vbar = -b_t * g_delta
-                gv[:, t] = b_t * g_delta
-                gbeta[:, t] = (g_delta * (v_t - v_bar)).sum(-1)
-                ga[:, t] = _vm(delta, G) + _vm(g_vbar, W_prev)
-                G.addcmul_(g_vbar[:, :, None], a_t[:, None, :])
-        return ga, gv, gbeta
+            if ctx.levels == 2:
+                G = _fwm_backprop_split(W, start, size, G, steps, grads)
+            else:
+                G = _fwm_backprop_segment(W, start, size, G, steps, grads)
+        return grads
+
+
+def _fwm_backprop_split(W, start, size, G, steps, grads):
+    """Backprop through steps start..start+size-1 from the state W entering them, one checkpoint level down."""
+    sizes = fwm_segments(size)
+    starts = _starts(start, sizes)
+    # recompute the sub-checkpoints (the last sub-segment's states are recomputed by its own pass)
+    a_s, v_s, beta_s = steps
+    checkpoints = [W]
+    for t in range(start, starts[-1]):
+        W = _fwm_step(W, t, a_s, v_s, beta_s)[0]
+        if t + 1 in starts:
+            checkpoints.append(W)
+    for sub_start, sub_size in zip(reversed(starts), reversed(sizes), strict=True):
+        G = _fwm_backprop_segment(checkpoints.pop(), sub_start, sub_size, G, steps, grads)
+    return G
+
+
+def _fwm_backprop_segment(W, start, size, G, steps, grads):
+    """Backprop G = ∂ℓ/∂W_{start+size} through steps start..start+size-1, recomputing their states from W
+    (the state entering them) with the forward's own ops, so bit-identical to the forward's. Accumulates
+    into grads = (ga, gv, gbeta) and returns ∂ℓ/∂W_start."""
+    a_s, v_s, beta_s = steps
+    ga, gv, gbeta = grads
+    states, norms, v_bars = [W], [], []
+    for t in range(start, start + size):
+        W, norm, v_bar = _fwm_step(W, t, a_s, v_s, beta_s)
+        states.append(W)
+        norms.append(norm)
+        v_bars.append(v_bar)
+    for i in range(size - 1, -1, -1):
+        t = start + i
+        W_t, W_prev = states[i + 1], states[i]
+        states[i + 1] = None  # release as we go
+        b_t, a_t, v_t = beta_s[t], a_s[t], v_s[t]
+        if t == 0:  # W_1 = (β v) ⊗ a
+            Ga = _mv(G, a_t)
+            if gv is not None:
+                gv[:, 0] = b_t * Ga
+            if gbeta is not None:
+                gbeta[:, 0] = (Ga * v_t).sum(-1)
+            if ga is not None:
+                ga[:, 0] = _vm(b_t * v_t, G)
+            return None
+        norm, v_bar = norms[i], v_bars[i]
+        # Through W_t = W̃ / max(‖W̃‖, 1): the clamp passes the gradient where ‖W̃‖ >= 1 (torch's rule).
+        lam = torch.where(norm >= 1.0, (G * W_t).sum((1, 2)), torch.zeros_like(norm))
+        G = torch.addcmul(G, W_t, -lam[:, None, None]).div_(norm.clamp_min(1.0)[:, None, None])
+        # Through W̃ = W_{t-1} + δ ⊗ a with δ = β v + (1 - β) v̄ - v̄ and v̄ = W_{t-1} a.
+        delta = b_t * v_t + (1 - b_t) * v_bar - v_bar
+        g_delta = _mv(G, a_t)
+        g_vbar = -b_t * g_delta
+        if gv is not None:
+            gv[:, t] = b_t * g_delta
+        if gbeta is not None:
+            gbeta[:, t] = (g_delta * (v_t - v_bar)).sum(-1)
+        if ga is not None:
+            ga[:, t] = _vm(delta, G) + _vm(g_vbar, W_prev)
+        G.addcmul_(g_vbar[:, :, None], a_t[:, None, :])
+    return G
 
 
 def fwm_state(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -407,7 +534,8 @@ def fwm_state(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Ten
 
     W_1 = β_1 v_1 ⊗ a_1; then W̃ = W + (β v + (1-β) v̄ - v̄) ⊗ a with v̄ = W a, and W = W̃ / max(1, ‖W̃‖_F).
     The clipping admits no parallel form and is not cheaply invertible, so the backward recomputes each
-    segment's states from a checkpoint (``fwm_segments``): O(√L) states alive instead of the loop's L.
+    segment's states from a checkpoint (``fwm_segments``): O(√L) states alive instead of the loop's L, or
+    O(L^⅓) with a second level of checkpoints where the states are large (``FWM_STATE_BUDGET``).
 
     Args:
         a: keys (B, L, F). v: values (B, L, V). beta: (B, L).
