@@ -155,12 +155,6 @@ def list_cmd():
     console.print(table)
 
 
-def _add_optional_commands() -> None:
-    try:
-        from .bench import bench_command
-    except ImportError:
-        return
-    main.add_command(bench_command)
+from .bench import bench_command  # noqa: E402  (the command lives beside the code it measures)
 
-
-_add_optional_commands()
+main.add_command(bench_command)
