@@ -90,20 +90,21 @@ class InlineExecutor(Executor):
         old = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
+        sink = _CallbackSink(on_progress) if on_progress else None
         try:
             for cfg in configs:
                 if on_start:
                     on_start({"run_id": _rid(cfg)})
-                from .config import RunConfig
-                from .train import failed_result, train_run
-
-                rc = RunConfig.from_dict(cfg)
-                try:
-                    yield train_run(rc, progress=on_progress)
-                except Exception:
-                    yield failed_result(rc, traceback.format_exc())
+                yield execute(cfg, sink)
         finally:
             torch.set_num_threads(old)
+
+
+class _CallbackSink:
+    """Queue-like ``put`` that calls the live view directly, for runs in this process."""
+
+    def __init__(self, callback: Progress):
+        self.put = callback
 
 
 def _rid(cfg: dict[str, Any]) -> str:
