@@ -31,6 +31,11 @@ class FeatureMap(nn.Module):
     def seed(self, seed: int) -> None:
         """Seed the map's own random generator (no-op for deterministic maps)."""
 
+    def kernel(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | None:
+        """φ(k_t)·φ(q) as scores (B, L, Q) where the map computes them cheaper than through its features;
+        None (the default) where it does not, and the memory maps keys and queries itself."""
+        return None
+
 
 @feature_maps.register("identity")
 class Identity(FeatureMap):
@@ -200,12 +205,30 @@ class FavorPlus(FeatureMap):
             self.begin_call(x.shape[-1])
         return _FavorFunction.apply(x, self.omega.to(x.dtype), 1.0 / math.sqrt(2 * self.m))
 
+    def kernel(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | None:
+        """For one query per sequence: φ(k)·φ(q) = (1/2m) Σ_i [e^{ω_i·(k+q) - h} + e^{-ω_i·(k+q) - h}] with
+        h = (‖k‖² + ‖q‖²)/2, m terms per position where the features have 2m, and no features kept."""
+        if queries.shape[1] != 1:
+            return None
+        if self.omega.numel() == 0:
+            self.begin_call(keys.shape[-1])
+        return _FavorKernel.apply(keys, queries, self.omega.to(keys.dtype))
+
 
 # exp(z) rounds to exactly 0 in float32 for z <= -104 (e^-104 < 2^-150, half the smallest denormal), yet CPU
 # exp takes a slow path there (4-8x): FAVOR+ exponents at large S lie mostly in that range (‖x‖²/2 ~ 0.35·S).
 # (Flushing the denormal results, z in (-104, -87], to zero as well would save two more passes, but FAVOR+
 # features are strictly positive, and the denormals keep them so.)
 _EXP_ZERO_BELOW = -104.0
+
+
+def _exp_(z: torch.Tensor) -> torch.Tensor:
+    """exp of z in place (float32: exponents at or below _EXP_ZERO_BELOW give 0 by the fast path)."""
+    if z.dtype != torch.float32:
+        return z.exp_()
+    drop = z <= _EXP_ZERO_BELOW
+    F.threshold_(z, _EXP_ZERO_BELOW, 0.0)  # exp of these is 0 anyway: compute exp(0) fast instead
+    return z.exp_().masked_fill_(drop, 0.0)
 
 
 class _FavorFunction(torch.autograd.Function):
@@ -221,12 +244,7 @@ class _FavorFunction(torch.autograd.Function):
         sign = torch.tensor([[1.0], [-1.0]], dtype=x.dtype, device=x.device)
         z = torch.addcmul(-half_sq[..., None], proj[..., None, :], sign).reshape(*proj.shape[:-1], 2 * m)
         del proj
-        if z.dtype == torch.float32:
-            keep = z > _EXP_ZERO_BELOW
-            F.threshold_(z, _EXP_ZERO_BELOW, 0.0)  # exp of the rest is 0 anyway: compute exp(0) fast instead
-            phi = torch.where(keep, z.exp_(), 0.0).mul_(scale)
-        else:
-            phi = z.exp_().mul_(scale)
+        phi = _exp_(z).mul_(scale)
         ctx.save_for_backward(x, omega, phi)
         return phi
 
@@ -244,6 +262,41 @@ class _FavorFunction(torch.autograd.Function):
             K = x.shape[-1]
             gomega = x.reshape(-1, K).t() @ d.reshape(-1, m)
         return gx, gomega, None
+
+
+class _FavorKernel(torch.autograd.Function):
+    """s_t = φ(k_t)·φ(q) for keys k (B, L, K) and one query q (B, 1, K), without the (B, L, 2m) features.
+
+    With u_t = k_t + q, P = uΩ and h_t = (‖k_t‖² + ‖q‖²)/2, s_t = (1/2m) Σ_i (e^{P_ti - h_t} + e^{-P_ti - h_t});
+    ∂s_t/∂P_ti = (1/2m)(e^{P_ti - h_t} - e^{-P_ti - h_t}) is all the backward keeps, and ∂s_t/∂h_t = -s_t.
+    """
+
+    @staticmethod
+    def forward(ctx, k, q, omega):
+        m = omega.shape[1]
+        p = (k + q) @ omega  # (B, L, m)
+        h = (0.5 * ((k * k).sum(-1) + (q * q).sum(-1)))[..., None]  # (B, L, 1)
+        e_minus = _exp_(torch.sub(-h, p))
+        e_plus = _exp_(p.sub_(h))
+        s = (e_plus.sum(-1, keepdim=True) + e_minus.sum(-1, keepdim=True)) * (0.5 / m)  # (B, L, 1)
+        ctx.save_for_backward(k, q, omega, e_plus.sub_(e_minus), s)
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gs):
+        k, q, omega, diff, s = ctx.saved_tensors
+        m = omega.shape[1]
+        gp = diff * (gs * (0.5 / m))  # (B, L, m)
+        gu = gp @ omega.t()  # (B, L, K)
+        gh = -(gs * s)  # (B, L, 1)
+        gk = torch.addcmul(gu, gh, k) if ctx.needs_input_grad[0] else None
+        gq = (gu.sum(1, keepdim=True) + gh.sum(1, keepdim=True) * q) if ctx.needs_input_grad[1] else None
+        gomega = None
+        if ctx.needs_input_grad[2]:
+            K = k.shape[-1]
+            gomega = (k + q).reshape(-1, K).t() @ gp.reshape(-1, m)
+        return gk, gq, gomega
 
 
 def feature_map(name: str, **kwargs) -> FeatureMap:

@@ -125,6 +125,45 @@ def test_favor_call_policy_draws_new_omega_every_call(make_inputs):
     torch.testing.assert_close(mem(*inputs), mem.reference(*inputs), atol=1e-10, rtol=1e-10)
 
 
+# FAVOR+ with the sum rule and no key normalisation reads one query through its kernel φ(k)·φ(q), without
+# features: large keys and queries put most exponents below float32's underflow, as at large S in training.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("spec", ["favor-16/sum", "favor-16/sum/none"])
+@pytest.mark.parametrize("scale", [1.0, 6.0])
+def test_favor_kernel_read_matches_reference(spec, scale, dtype, build_memory, make_inputs):
+    mem = build_memory(spec, d_key=8)
+    assert mem._scores_read
+    keys, values, betas, queries = make_inputs(3, 41, 8, 5, 1, dtype=dtype, requires_grad=False)
+    inputs = tuple(t.requires_grad_() for t in (scale * keys, values, betas, scale * queries))
+    y, y_ref = mem(*inputs), mem.reference(*inputs)
+    k, q = mem.features(inputs[0], inputs[3])
+    features = mem.rule.forward(k, inputs[1], q, {}, mem.attn)  # the same read through the features
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(y, features, **TOL[dtype])
+    cot = torch.randn_like(y)
+    for name, g, g_ref in zip(("keys", "values", "queries"), _grads(y, inputs[:2] + inputs[3:], cot),
+                              _grads(y_ref, inputs[:2] + inputs[3:], cot), strict=True):
+        torch.testing.assert_close(g, g_ref, **TOL[dtype], msg=lambda m, n=name: f"d/d{n}: {m}")
+
+
+def test_favor_kernel_gradcheck(build_memory, make_inputs):
+    mem = build_memory("favor-4/sum", d_key=3)
+    keys, values, betas, queries = make_inputs(2, 6, 3, 2, 1)
+    assert torch.autograd.gradcheck(lambda k, v, q: mem(k, v, None, q), (keys, values, queries))
+
+
+def test_kernel_read_only_where_the_rule_reads_scores(build_memory):
+    assert not build_memory("favor-8/sum/sum")._scores_read  # a key normalisation needs the features
+    assert not build_memory("favor-8/delta")._scores_read
+
+    class Redefined(SumRule):  # a plugin rule that changes the read must not be bypassed by the kernel
+        def forward(self, k, v, q, gates, attn):
+            return 2 * super().forward(k, v, q, gates, attn)
+
+    mem = rb.memories.FastWeightMemory(rb.feature_map("favor-4"), Redefined(), "none", True)
+    assert not mem._scores_read
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Contracts over every registered memory and every composed spec (conftest.ALL_MEMORY_SPECS)
 # ------------------------------------------------------------------------------------------------------------

@@ -88,6 +88,10 @@ def parse_spec(spec: str) -> MemorySpec:
     return MemorySpec(phi, rule_name, norm, attn)
 
 
+def _defined_in(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
 class FastWeightMemory(Memory):
     """φ × update rule × normalisation (PAPER §1): features of keys and queries, then the rule."""
 
@@ -101,6 +105,10 @@ class FastWeightMemory(Memory):
         self.attn = attn
         self.spec = spec
         self.gates = rule.gates
+        # the sum rule reads only φ(k_t)·φ(q): a map with a cheaper kernel (FAVOR+) may give those directly
+        # (not for a subclass that redefines forward without read_scores)
+        self._scores_read = norm == "none" and _defined_in(type(rule), "read_scores") is not None and (
+            _defined_in(type(rule), "read_scores") is _defined_in(type(rule), "forward"))
 
     def d_dot(self, d_key: int) -> int:
         return self.phi.dim(d_key)
@@ -113,7 +121,10 @@ class FastWeightMemory(Memory):
     def features(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised φ of keys (B, L, F) and queries (B, Q, F); one draw of a random φ serves both."""
         self.phi.begin_call(keys.shape[-1], keys.device, keys.dtype)
-        return self.norm(self.phi(keys)), self.norm(self.phi(queries))
+        return self._map(keys), self._map(queries)
+
+    def _map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.phi(x))
 
     def _gates(self, keys, betas, gates):
         out = dict(gates)
@@ -125,7 +136,12 @@ class FastWeightMemory(Memory):
         return out
 
     def forward(self, keys, values, betas=None, queries=None, **gates):
-        k, q = self.features(keys, queries)
+        self.phi.begin_call(keys.shape[-1], keys.device, keys.dtype)
+        if self._scores_read:
+            s = self.phi.kernel(keys, queries)
+            if s is not None:
+                return self.rule.read_scores(s, values, self.attn)
+        k, q = self._map(keys), self._map(queries)
         return self.rule.forward(k, values, q, self._gates(keys, betas, gates), self.attn)
 
     def reference(self, keys, values, betas=None, queries=None, **gates):

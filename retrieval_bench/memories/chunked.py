@@ -308,6 +308,25 @@ def delta_chunkwise(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, q: tor
     return y, St.transpose(1, 2)
 
 
+def _score_read_forward(s, v, ids, eps):
+    """ŷ = Σ_t v_t s_t [/ (Σ_t s_t + eps)] from scores s (B, L, Q). Returns y (B, Q, V) and the denominator."""
+    y = _values_read(s.transpose(1, 2), v, ids)  # (B, Q, V)
+    den = None
+    if eps is not None:
+        den = s.sum(1)[..., None] + eps  # (B, Q, 1)
+        y = y / den
+    return y, den
+
+
+def _score_read_backward(gy, s, v, ids, y, den, need_v):
+    """Gradients of ``_score_read_forward`` w.r.t. the scores (B, L, Q) and the values (or None)."""
+    g_num = gy if den is None else gy / den  # (B, Q, V)
+    gs = _values_grad(g_num, v, ids).transpose(1, 2)  # (B, L, Q)
+    if den is not None:
+        gs = gs - (gy * y).sum(-1)[:, None, :] / den.transpose(1, 2)  # through the normaliser
+    return gs, (s @ g_num if need_v else None)
+
+
 class _SumRead(torch.autograd.Function):
     """ŷ = Σ_t v_t (a_t·q) [/ (Σ_t a_t·q + eps)]: the sum rule's read without W (see ``sum_read``)."""
 
@@ -315,11 +334,7 @@ class _SumRead(torch.autograd.Function):
     def forward(ctx, a, v, q, eps):
         s = a @ q.transpose(1, 2)  # (B, L, Q): a column mat-vec when Q = 1, which is fast
         ids = one_hot_ids(v)
-        y = _values_read(s.transpose(1, 2), v, ids)  # (B, Q, V)
-        den = None
-        if eps is not None:
-            den = s.sum(1)[..., None] + eps  # (B, Q, 1)
-            y = y / den
+        y, den = _score_read_forward(s, v, ids, eps)
         ctx.save_for_backward(a, v, ids, q, s, y, den)
         return y
 
@@ -328,17 +343,31 @@ class _SumRead(torch.autograd.Function):
     def backward(ctx, gy):
         a, v, ids, q, s, y, den = ctx.saved_tensors
         need_a, need_v, need_q = ctx.needs_input_grad[:3]
-        g_num = gy if den is None else gy / den  # (B, Q, V)
-        gs = _values_grad(g_num, v, ids).transpose(1, 2)  # (B, L, Q)
-        if den is not None:
-            gs = gs - (gy * y).sum(-1)[:, None, :] / den.transpose(1, 2)  # through the normaliser
+        gs, gv = _score_read_backward(gy, s, v, ids, y, den, need_v)
         Q = q.shape[1]
         # Q = 1: broadcasting, not a bmm with an inner dimension of 1, and a contiguous (B, L, F) gradient
         # (autograd of q @ aᵀ hands the feature map a transposed one).
         ga = (gs * q if Q == 1 else gs @ q) if need_a else None
-        gv = s @ g_num if need_v else None
         gq = gs.transpose(1, 2) @ a if need_q else None
         return ga, gv, gq, None
+
+
+class _ScoreRead(torch.autograd.Function):
+    """``sum_read`` from precomputed scores s_t = a_t·q (see ``score_read``)."""
+
+    @staticmethod
+    def forward(ctx, s, v, eps):
+        ids = one_hot_ids(v)
+        y, den = _score_read_forward(s, v, ids, eps)
+        ctx.save_for_backward(v, ids, s, y, den)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        v, ids, s, y, den = ctx.saved_tensors
+        gs, gv = _score_read_backward(gy, s, v, ids, y, den, ctx.needs_input_grad[1])
+        return gs, gv, None
 
 
 def sum_read(a: torch.Tensor, v: torch.Tensor, q: torch.Tensor, eps: float | None = None) -> torch.Tensor:
@@ -352,6 +381,12 @@ def sum_read(a: torch.Tensor, v: torch.Tensor, q: torch.Tensor, eps: float | Non
         (B, Q, V).
     """
     return _SumRead.apply(a, v, q, eps)
+
+
+def score_read(s: torch.Tensor, v: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """``sum_read`` given the scores s (B, L, Q) = φ(k_t)·φ(q) directly, for feature maps whose kernel is
+    cheaper than their features (FAVOR+). Returns (B, Q, V)."""
+    return _ScoreRead.apply(s, v, eps)
 
 
 # FWM keeps its checkpoints in two levels where one level would hold more than this many bytes of states.

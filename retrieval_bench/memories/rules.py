@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import update_rules
-from .chunked import delta_chunkwise, delta_query_read, fwm_state, sum_read
+from .chunked import delta_chunkwise, delta_query_read, fwm_state, score_read, sum_read
 from .normalisations import EPS
 
 State = dict[str, torch.Tensor]
@@ -94,6 +94,10 @@ class SumRule(UpdateRule):
     def forward(self, k, v, q, gates, attn):
         # y = Σ_t v_t (φ(k_t)·φ(q)) [/ Σ_t φ(k_t)·φ(q)]: a weighted sum of L values, no V×F state.
         return sum_read(k, v, q, EPS if attn else None)
+
+    def read_scores(self, s, v, attn):
+        """The same read from scores s (B, L, Q) = φ(k_t)·φ(q), where the feature map computes them itself."""
+        return score_read(s, v, EPS if attn else None)
 
 
 def attn_key_denominators(k: torch.Tensor) -> torch.Tensor:
