@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 # The paper's variants get hand-picked colours. A feature map's family shares a hue ramp per update rule,
 # darker = larger d_dot, so capacity reads along the ramp (sum: DPFP blues, FAVOR+ oranges; delta: DPFP reds,
@@ -32,6 +32,15 @@ BUILTIN_COLORS: dict[str, str] = {
     "dpfp-1/fwm": "#8c564b",
 }
 
+# The key/query normalisations of one memory (report's normalisation figure), colour-blind safe (Okabe-Ito).
+NORM_COLORS: dict[str, str] = {
+    "sum": "#0072b2",
+    "sum+attn": "#009e73",
+    "l2": "#d55e00",
+    "none": "#cc79a7",
+    "none+attn": "#e69f00",
+}
+
 # Other names (plugins, other combinations) hash into this list, hues the built-ins leave free where possible.
 HASH_PALETTE: tuple[str, ...] = (
     "#bcbd22", "#e6ab02", "#7f7f7f", "#e7298a", "#7570b3", "#a6761d", "#1b9e77", "#393b79",
@@ -56,23 +65,24 @@ def memory_color(name: str) -> str:
     return BUILTIN_COLORS.get(name) or HASH_PALETTE[_slot(name)]
 
 
-def palette(names: Iterable[str]) -> dict[str, str]:
+def palette(names: Iterable[str], fixed: Mapping[str, str] = BUILTIN_COLORS) -> dict[str, str]:
     """Colours for the memories that share one report, with no two alike.
 
-    Each name keeps ``memory_color(name)`` unless an earlier name (built-ins first, then sorted) already took
-    that colour, in which case it walks the hash palette from its own slot. The result depends only on the set
-    of names, so every figure of one report agrees.
+    Each name keeps its fixed colour (else its hash slot, as ``memory_color``) unless an earlier name (fixed
+    ones first, then sorted) already took that colour, in which case it walks the hash palette from its own
+    slot. The result depends only on the set of names, so every figure of one report agrees.
 
     Args:
         names: Memory names (duplicates are ignored).
+        fixed: Hand-picked colours: ``BUILTIN_COLORS`` for memories, ``NORM_COLORS`` for normalisations.
 
     Returns:
         A dict name -> hex colour.
     """
     colors: dict[str, str] = {}
-    for name in sorted(set(names), key=lambda n: (n not in BUILTIN_COLORS, n)):
+    for name in sorted(set(names), key=lambda n: (n not in fixed, n)):
         start, n = _slot(name), len(HASH_PALETTE)
-        candidates = [memory_color(name)] + [HASH_PALETTE[(start + i) % n] for i in range(n)]
+        candidates = [fixed.get(name) or HASH_PALETTE[start]] + [HASH_PALETTE[(start + i) % n] for i in range(n)]
         # more memories than colours: a repeat is unavoidable, so keep the name's own colour
         colors[name] = next((c for c in candidates if c not in colors.values()), candidates[0])
     return colors

@@ -1,5 +1,5 @@
 """Figures, tables and report.md from the results store: capacity (paper Fig. 2), learning curves (Fig. 3),
-stability, contrast and speed.
+normalisation, stability, contrast and speed.
 
 Figure functions are pure (DataFrames in, a ``matplotlib.figure.Figure`` out, never pyplot, so nothing is
 shown or kept alive); ``write_report`` does the I/O. A diverged or failed run is an x at the top of its axis.
@@ -24,11 +24,11 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-from .colors import memory_color, palette
+from .colors import NORM_COLORS, memory_color, palette
 
-__all__ = ["NoDataError", "load_frames", "capacity_figure", "learning_curves_figure", "stability_figure",
-           "contrast_figure", "bench_figure", "capacity_table", "final_loss_table", "write_report",
-           "memory_color"]
+__all__ = ["NoDataError", "load_frames", "capacity_figure", "learning_curves_figure", "normalisation_figure",
+           "stability_figure", "contrast_figure", "bench_figure", "capacity_table", "final_loss_table",
+           "write_report", "memory_color"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,10 @@ CONTRAST = [  # a cosine lives in [-1, 1]: always a linear axis
     (("interference",), r"interference $\|\bar v_t\|$, first writes", "position", "auto"),
 ]
 XLABEL = {"position": "write position $t$", "step": "training step"}
+# The key/query normalisation a built-in rule uses when a memory name gives none, as (norm, attn): the rules'
+# default_norm / default_attn (memories/rules.py), copied so that the report needs no torch; a test checks them.
+RULE_DEFAULTS = {"sum": ("none", True), "delta": ("sum", False), "fwm": ("none", False)}
+NORM_ORDER = ("sum", "sum+attn", "l2", "none")  # then any other normalisation, alphabetically
 FAILED_STYLE = {"ls": "none", "marker": "x", "ms": 6, "mew": 1.5}
 
 
@@ -149,13 +153,13 @@ class _Panels:
     """A grid of panels sharing one legend of memories, placed below the axes so that it hides no data."""
 
     def __init__(self, n: int, memories: list[str], width: float | None = None, height: float = 2.4,
-                 ncols: int = 2):
+                 ncols: int = 2, colors: dict[str, str] | None = None):
         ncols, nrows, width = min(n, ncols), math.ceil(n / ncols), width or (SINGLE if n == 1 else DOUBLE)
         self.fig = Figure(figsize=(width, height * nrows), layout="constrained")
         axes = list(self.fig.subplots(nrows, ncols, squeeze=False).ravel())
         for ax in axes[n:]:
             ax.set_visible(False)
-        self.axes, self.memories, self.colors = axes[:n], memories, palette(memories)
+        self.axes, self.memories, self.colors = axes[:n], memories, colors or palette(memories)
         self.drawn: set[str] = set()
         self.marked: list[Axes] = []
 
@@ -198,6 +202,39 @@ class _Panels:
 def _threshold(ax: Axes, threshold: float) -> tuple[str, dict]:
     ax.axhline(threshold, color="0.5", ls="--", lw=0.8)
     return f"solved threshold ({threshold:g})", {"ls": "--", "color": "0.5"}
+
+
+def _split_spec(memory: object) -> tuple[str, str, str] | None:
+    """(φ, rule, normalisation label) of a ``PHI/RULE[/NORM[+attn]]`` memory name, as ``parse_spec`` reads it.
+
+    The label is the normalisation plus "+attn" with the attention normaliser ("sum", "sum+attn", "none+attn"
+    for ``.../attn``). Without NORM a built-in rule's default applies. None for a registered memory
+    (``softmax``), a malformed name, or a plugin rule without NORM, whose default the report cannot know.
+    """
+    parts = memory.split("/") if isinstance(memory, str) else []
+    if len(parts) not in (2, 3) or not all(parts):
+        return None
+    if len(parts) == 2:
+        if parts[1] not in RULE_DEFAULTS:
+            return None
+        norm, attn = RULE_DEFAULTS[parts[1]]
+    else:
+        norm, _, extra = parts[2].partition("+")
+        if extra not in ("", "attn"):
+            return None
+        attn, norm = extra == "attn" or norm == "attn", "none" if norm == "attn" else norm
+    return parts[0], parts[1], norm + ("+attn" if attn else "")
+
+
+def _normalisation_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of each (task, d_key, φ, rule) that is run under two or more normalisations, with columns phi,
+    rule and norm (the label); ``memory`` becomes the label, so ``_Panels`` draws one line per normalisation."""
+    runs = runs.reset_index(drop=True)  # a concatenation of frames may repeat labels
+    split = runs["memory"].map(_split_spec).dropna()
+    parts = pd.DataFrame(split.tolist(), index=split.index, columns=["phi", "rule", "norm"])
+    df = runs.loc[split.index].join(parts).assign(memory=parts["norm"])
+    varies = df.groupby(["task", "d_key", "phi", "rule"], dropna=False)["norm"].transform("nunique") > 1
+    return df[varies]
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -320,6 +357,46 @@ def _diagnostics_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, panels: l
 
 
 @_styled
+def normalisation_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
+    """Final eval loss against the number of keys S (or of writes L), one line per key/query normalisation.
+
+    One panel per task, feature map φ and update rule that is run under two or more normalisations (d_key
+    too when it varies); other memories (softmax, a φ/rule with one normalisation) are left out. Labels are
+    the normalisation plus "+attn" with the attention normaliser, in the order sum, sum+attn, l2, none, then
+    the others alphabetically, each in its colour of ``NORM_COLORS``. Lines are the median over finished seeds,
+    bands their min-max; an x at the top marks an S where a seed diverged or failed.
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        threshold: The "solved" loss, drawn dashed.
+
+    Raises:
+        NoDataError: If no feature map and rule is run under two or more normalisations.
+    """
+    df = _normalisation_runs(_require(runs, "runs"))
+    if df.empty:
+        raise NoDataError("no memories that differ only in normalisation")
+    x, xlabel, _ = _sweep_axis(df)
+    keys = ["task"] + (["d_key"] if df["d_key"].nunique() > 1 else [])
+    facets = list(df.groupby(keys + ["phi", "rule"], sort=True, dropna=False))
+    rank = {n: i for i, n in enumerate(NORM_ORDER)}
+    labels = sorted(df["norm"].unique(), key=lambda n: (rank.get(n, len(rank)), n))
+    p = _Panels(len(facets), labels, width=DOUBLE, height=2.4, colors=palette(labels, NORM_COLORS))
+    for ax, (vals, sub) in zip(p.axes, facets, strict=True):
+        *head, phi, rule = vals
+        title = ", ".join([f"{k} = {_fmt(v)}" for k, v in zip(keys, head, strict=True)] + [f"φ = {phi}", rule])
+        done = sub[sub["status"] == "done"]
+        p.lines(ax, done.assign(final_loss=done["final_loss"].clip(lower=LOG_FLOOR)), x, "final_loss",
+                marker="o", ms=3)
+        bad = sub[sub["status"].isin(FAILED)]
+        p.failed(ax, bad["memory"], bad[x])
+        extras = [_threshold(ax, threshold)]
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(yscale="log", xlabel=xlabel, ylabel="final eval loss", title=title)
+    return p.finish(extras)
+
+
+@_styled
 def stability_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, num_keys: int | None = None) -> Figure:
     """State norm ‖W_t‖ and attention normaliser against write position t, and their largest values against
     training step, per memory (median over seeds, min-max band).
@@ -439,12 +516,15 @@ def final_loss_table(runs: pd.DataFrame) -> pd.DataFrame:
 SECTIONS = {  # stem: (heading, caption); lines are medians over seeds, bands min-max
     "capacity": ("Capacity (paper Fig. 2)", "Final eval loss against {axis}; dotted: each memory's d_dot."),
     "learning_curves": ("Learning curves (paper Fig. 3)", "Eval loss at the smallest {sym} of each task."),
+    "normalisation": ("Normalisation", "Final eval loss against {axis} per key/query normalisation (+attn: with "
+                      "the attention normaliser), one panel per feature map and rule."),
     "stability": ("Stability", "State norm and normaliser along the sequence (last evaluation), and their "
                   "largest values over training."),
     "contrast": ("Retrieved-vs-written contrast", "cos(v̄_t, v_t), v̄_t read at k_t just before writing v_t, "
                  "and interference, along the sequence (last evaluation)."),
     "bench": ("Speed", "Milliseconds per training step: fast form (solid), reference loop (dashed)."),
 }
+OPTIONAL = {"normalisation"}  # figures that apply to some experiments only: elsewhere no section, not a skip
 
 
 def _fmt(v: object) -> str:
@@ -481,10 +561,12 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
 
     def section(stem: str) -> list[str]:
         (heading, caption), body = SECTIONS[stem], figures[stem]
+        if body is None:  # an optional figure that does not apply to this experiment
+            return []
         caption = caption.format(axis=axis.replace("$", ""), sym=sym)
         return ["", f"## {heading}", "", body] + ([] if body.startswith("_Skipped") else ["", caption])
 
-    md += section("capacity") + section("learning_curves")
+    md += section("capacity") + section("learning_curves") + section("normalisation")
     md += ["", "## Capacity table", "", f"An {sym} is solved when the median final eval loss over seeds is "
            f"<= {threshold:g} (a diverged seed counts as unsolved); loss_at_largest_S is at the largest "
            f"{sym} swept. ([CSV](capacity_table.csv))", "", *_markdown(table)]
@@ -506,18 +588,19 @@ def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, thr
     builders = {
         "capacity": lambda: capacity_figure(runs, threshold),
         "learning_curves": lambda: learning_curves_figure(runs, curves, threshold=threshold),
+        "normalisation": lambda: normalisation_figure(runs, threshold),
         "stability": lambda: stability_figure(runs, diags),
         "contrast": lambda: contrast_figure(runs, diags),
         "bench": lambda: bench_figure(bench),
     }
     out.mkdir(parents=True, exist_ok=True)
-    written, figures = [], {}
+    written, figures = [], {}  # figures: stem -> its report.md body, None to leave its section out
     for stem, build in builders.items():
         try:
             written += _save(build(), out / stem)
             figures[stem] = f"![{SECTIONS[stem][0]}]({stem}.png)\n\n[PDF]({stem}.pdf)"
         except NoDataError as err:
-            figures[stem] = f"_Skipped: {err} in the store._"
+            figures[stem] = None if stem in OPTIONAL else f"_Skipped: {err} in the store._"
             for stale in (out / f"{stem}.png", out / f"{stem}.pdf"):
                 stale.unlink(missing_ok=True)  # an old figure must not outlive the data that explained it
     table = capacity_table(runs, threshold)
@@ -532,7 +615,9 @@ def write_report(store_path: str | Path, out_dir: str | Path = "plots", experime
                  threshold: float = 1e-3) -> list[Path]:
     """Write figures (PNG at 300 dpi and PDF), capacity_table.csv and report.md into out_dir/<experiment>/.
 
-    A figure without data is skipped (an old copy removed) and report.md says so. Same store, same files.
+    A figure without data is skipped (an old copy removed) and report.md says so, except an optional figure
+    (``OPTIONAL``: normalisation) that does not apply to an experiment, whose section is left out. Same store,
+    same files.
 
     Args:
         store_path: The SQLite results store.

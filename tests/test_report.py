@@ -15,7 +15,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from retrieval_bench import report
-from retrieval_bench.colors import BUILTIN_COLORS, palette
+from retrieval_bench.colors import BUILTIN_COLORS, NORM_COLORS, palette
 
 D_DOT = {"linear/sum": 16, "dpfp-1/sum": 32, "softmax": None, "acme/plugin": 24}
 SIZES = [8, 16, 24, 32, 48]
@@ -360,3 +360,130 @@ def test_bench_marks_missing_timing_only_where_it_breaks_a_line(frames):
     assert fig.axes[0].get_yscale() == "log" and "ms per training step" in fig.axes[0].get_ylabel()
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert {"fast form", "reference form", "no timing (skipped, failed)"} <= set(labels)
+
+
+NORMS = {"sum": 1e-5, "sum+attn": 1e-3, "l2": 1e-1}  # base final loss of each normalisation of the delta rule
+NORM_FAILED = ("linear/delta/l2", 40, 1)  # (memory, S, seed) of the one diverged normalisation run
+
+
+def _norm_runs() -> pd.DataFrame:
+    """2 feature maps x 3 normalisations x 3 S x 2 seeds (one diverged), beside softmax and dpfp-1/sum, which
+    have no normalisation to compare and are left out of the figure."""
+    rows = []
+    for seed in SEEDS:
+        for s in (20, 40, 60):
+            for phi in ("dpfp-1", "linear"):
+                for norm, base in NORMS.items():
+                    memory = f"{phi}/delta/{norm}"
+                    bad = (memory, s, seed) == NORM_FAILED
+                    rows.append(_run("normalisation", "overwrite", memory, s, 2 * s, 64, seed,
+                                     np.nan if bad else base * s / 20 * (1 + seed), "diverged" if bad else "done"))
+            for memory in ("softmax", "dpfp-1/sum"):
+                rows.append(_run("normalisation", "overwrite", memory, s, 2 * s, None, seed, 1e-6))
+    return pd.DataFrame(rows)
+
+
+def _drawn(ax) -> dict[str, tuple]:
+    """Colour -> (x, y) of each line drawn with markers (the medians; not the threshold or the x marks)."""
+    return {line.get_color(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in ax.get_lines() if line.get_marker() == "o"}
+
+
+def test_normalisation_figure_draws_one_line_per_normalisation_per_panel():
+    fig = report.normalisation_figure(_norm_runs())
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["task = overwrite, φ = dpfp-1, delta",
+                                               "task = overwrite, φ = linear, delta"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["sum", "sum+attn", "l2", "solved threshold (0.001)", "diverged / failed run"]
+    colors = dict(zip(labels, [h.get_color() for h in fig.legends[0].legend_handles], strict=True))
+    assert {n: colors[n] for n in NORMS} == {n: NORM_COLORS[n] for n in NORMS}  # the same in every report
+    for ax in axes:
+        drawn = _drawn(ax)
+        assert set(drawn) == {colors[n] for n in NORMS}  # one line per normalisation, no softmax, no dpfp-1/sum
+        assert all(xs == [20, 40, 60] for xs, _ in drawn.values())
+        assert ax.get_yscale() == "log" and "number of keys" in ax.get_xlabel() and ax.get_ylabel()
+    # the median over seeds; at the diverged run's S only the finished seed counts
+    assert _drawn(axes[0])[colors["sum+attn"]][1] == pytest.approx([1.5e-3, 3e-3, 4.5e-3])
+    assert _drawn(axes[1])[colors["l2"]][1] == pytest.approx([0.15, 0.2, 0.45])
+    crosses = [(line.get_xdata()[0], line.get_color()) for line in axes[1].get_lines() if line.get_marker() == "x"]
+    assert crosses == [(NORM_FAILED[1], colors["l2"])] and _crosses(axes[0]) == []
+    assert fig.get_figwidth() == report.DOUBLE
+    sizes = [t.get_fontsize() for t in fig.findobj(lambda a: hasattr(a, "get_fontsize") and a.get_visible())]
+    assert min(sizes) >= 8
+
+
+def test_normalisation_labels_read_specs_like_parse_spec_and_keep_their_order():
+    runs = pd.DataFrame([_run("n", "capacity", m, 20, 20, 32, 0, 0.0) for m in
+                         ["dpfp-1/delta/zz", "dpfp-1/delta/attn", "dpfp-1/delta/none", "dpfp-1/delta/l2",
+                          "dpfp-1/delta/sum+attn", "dpfp-1/delta", "dpfp-1/delta/l2+attn"]])
+    fig = report.normalisation_figure(runs)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()][:-1]  # less the threshold
+    # no NORM: the delta rule's default, sum; "attn" alone is none+attn; then the rest alphabetically
+    assert labels == ["sum", "sum+attn", "l2", "none", "l2+attn", "none+attn", "zz"]
+    assert len({line.get_color() for line in fig.axes[0].get_lines() if line.get_marker() == "o"}) == 7
+    # a loss of exactly 0 sits at the log floor
+    assert all(ys == [report.LOG_FLOOR] for _, ys in _drawn(fig.axes[0]).values())
+    assert fig.axes[0].get_title() == "task = capacity, φ = dpfp-1, delta"
+
+
+def test_split_spec_agrees_with_parse_spec():
+    memories = pytest.importorskip("retrieval_bench.memories")  # torch: only here, the report never needs it
+    from retrieval_bench.registry import RegistryError, update_rules
+
+    builtin = {name for name, origin in update_rules.origins().items() if origin == "built-in"}
+    assert set(report.RULE_DEFAULTS) == builtin
+    for name in builtin:
+        rule = update_rules.get(name)
+        assert report.RULE_DEFAULTS[name] == (rule.default_norm, rule.default_attn)
+    for spec in ["dpfp-1/sum", "dpfp-1/delta", "tanh/fwm", "linear/delta/sum", "dpfp-2/delta/l2+attn",
+                 "dpfp-1/delta/attn", "linear/sum/none", "dpfp-1/fwm/l2"]:
+        ms = memories.parse_spec(spec)
+        assert report._split_spec(spec) == (ms.phi, ms.rule, ms.norm + ("+attn" if ms.attn else "")), spec
+    for spec in ("softmax", "dpfp-1/delta/sum+gate"):  # registered, not PHI/RULE; malformed: nothing to plot
+        with pytest.raises(RegistryError):
+            memories.parse_spec(spec)
+        assert report._split_spec(spec) is None
+    assert report._split_spec("acme/rule") is None  # a plugin rule's default normalisation is unknown here
+
+
+@pytest.mark.parametrize("memories", [["softmax", "dpfp-1/sum"], ["dpfp-1/delta", "dpfp-1/delta/sum", "linear/sum"],
+                                      OVERWRITE])
+def test_normalisation_figure_needs_two_normalisations_of_one_memory(memories):
+    runs = pd.DataFrame([_run("e", "overwrite", m, s, s, 32, 0, 1e-3) for m in memories for s in (20, 40)])
+    with pytest.raises(report.NoDataError, match="normalisation"):
+        report.normalisation_figure(runs)
+    # the same normalisations of different feature maps, or of different tasks, are not compared either
+    runs = pd.DataFrame([_run("e", task, m, 20, 20, 32, 0, 1e-3) for task, m in
+                         [("a", "dpfp-1/delta/sum"), ("a", "linear/delta/l2"), ("b", "dpfp-1/delta/l2")]])
+    with pytest.raises(report.NoDataError):
+        report.normalisation_figure(runs)
+
+
+def test_write_report_shows_normalisation_only_where_it_applies(tmp_path, frames, fake_save):
+    store = write_store(tmp_path / "r.db", {**frames, "runs": pd.concat([frames["runs"], _norm_runs()])})
+    out = tmp_path / "plots"
+    (out / "capacity").mkdir(parents=True)
+    (out / "capacity" / "normalisation.png").write_bytes(b"stale")
+    paths = report.write_report(store, out)
+    drawn = {p.parent.name for p in paths if p.stem == "normalisation"}
+    assert drawn == {"normalisation"}
+    assert {p.name for p in paths if p.parent.name == "normalisation"} >= {"normalisation.png", "normalisation.pdf"}
+    assert not (out / "capacity" / "normalisation.png").exists()  # a stale figure does not outlive its data
+    md = (out / "normalisation" / "report.md").read_text()
+    assert "## Normalisation" in md and "![Normalisation](normalisation.png)" in md
+    assert "](normalisation.pdf)" in md and "per key/query normalisation" in md
+    assert md.index("## Learning curves") < md.index("## Normalisation") < md.index("## Capacity table")
+    for name in ("capacity", "update_rules"):  # no section, not even a skip line, where it does not apply
+        md = (out / name / "report.md").read_text()
+        assert "ormalisation" not in md and "_Skipped" not in md
+
+
+def test_write_report_renders_normalisation_figure(tmp_path):
+    store = write_store(tmp_path / "r.db", {"runs": _norm_runs()})
+    out = tmp_path / "plots"
+    paths = report.write_report(store, out)
+    assert {p.name for p in paths} == {"capacity.png", "capacity.pdf", "normalisation.png", "normalisation.pdf",
+                                       "capacity_table.csv", "report.md"}
+    assert (out / "normalisation" / "normalisation.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "normalisation" / "normalisation.pdf").read_bytes()[:4] == b"%PDF"
