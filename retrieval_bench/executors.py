@@ -87,6 +87,9 @@ class InlineExecutor(Executor):
     def run(self, configs, on_start=None, on_progress=None):
         import torch
 
+        from .bench import tune_malloc
+
+        tune_malloc()  # as the pool's workers do: runs in this process reuse their large tensors' pages
         old = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -264,6 +264,12 @@ class _FavorFunction(torch.autograd.Function):
         return gx, gomega, None
 
 
+# Elements per block of _FavorKernel (rows of positions × m): each block's temporaries stay in cache through the
+# chain of elementwise passes, where whole (B·L, m) tensors would go through main memory on every pass
+# (measured at B = 32, L = 600, m = 512: 2^19 was the fastest block of 2^17 ... 2^20, 13% under no blocks).
+KERNEL_BLOCK = 2**19
+
+
 class _FavorKernel(torch.autograd.Function):
     """s_t = φ(k_t)·φ(q) for keys k (B, L, K) and one query q (B, 1, K), without the (B, L, 2m) features.
 
@@ -273,29 +279,43 @@ class _FavorKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, q, omega):
-        m = omega.shape[1]
-        p = (k + q) @ omega  # (B, L, m)
-        h = (0.5 * ((k * k).sum(-1) + (q * q).sum(-1)))[..., None]  # (B, L, 1)
-        e_minus = _exp_(torch.sub(-h, p))
-        e_plus = _exp_(p.sub_(h))
-        s = (e_plus.sum(-1, keepdim=True) + e_minus.sum(-1, keepdim=True)) * (0.5 / m)  # (B, L, 1)
-        ctx.save_for_backward(k, q, omega, e_plus.sub_(e_minus), s)
+        K, m = omega.shape
+        u = (k + q).reshape(-1, K)  # (N, K), N = B·L
+        h = (0.5 * ((k * k).sum(-1) + (q * q).sum(-1))).reshape(-1, 1)  # (N, 1)
+        diff, s = u.new_empty(u.shape[0], m), u.new_empty(u.shape[0], 1)
+        block = max(1, KERNEL_BLOCK // m)
+        for i in range(0, u.shape[0], block):
+            rows = slice(i, i + block)
+            p = u[rows] @ omega
+            e_minus = _exp_(torch.sub(-h[rows], p))
+            e_plus = _exp_(p.sub_(h[rows]))
+            torch.add(e_plus.sum(-1, keepdim=True), e_minus.sum(-1, keepdim=True), out=s[rows])
+            torch.sub(e_plus, e_minus, out=diff[rows])
+        s = s.mul_(0.5 / m).reshape(*k.shape[:-1], 1)
+        ctx.save_for_backward(k, q, omega, diff, s)
         return s
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gs):
         k, q, omega, diff, s = ctx.saved_tensors
-        m = omega.shape[1]
-        gp = diff * (gs * (0.5 / m))  # (B, L, m)
-        gu = gp @ omega.t()  # (B, L, K)
+        K, m = omega.shape
+        c = (gs * (0.5 / m)).reshape(-1, 1)
+        need_omega = ctx.needs_input_grad[2]
+        gu = diff.new_empty(diff.shape[0], K)
+        gomega = omega.new_zeros(K, m) if need_omega else None
+        u = (k + q).reshape(-1, K) if need_omega else None
+        block = max(1, KERNEL_BLOCK // m)
+        for i in range(0, diff.shape[0], block):
+            rows = slice(i, i + block)
+            gp = diff[rows] * c[rows]  # ∂/∂P of the block, (rows, m)
+            torch.mm(gp, omega.t(), out=gu[rows])
+            if need_omega:
+                gomega.addmm_(u[rows].t(), gp)
+        gu = gu.reshape(k.shape)
         gh = -(gs * s)  # (B, L, 1)
         gk = torch.addcmul(gu, gh, k) if ctx.needs_input_grad[0] else None
         gq = (gu.sum(1, keepdim=True) + gh.sum(1, keepdim=True) * q) if ctx.needs_input_grad[1] else None
-        gomega = None
-        if ctx.needs_input_grad[2]:
-            K = k.shape[-1]
-            gomega = (k + q).reshape(-1, K).t() @ gp.reshape(-1, m)
         return gk, gq, gomega
 
 

@@ -130,7 +130,10 @@ def test_favor_call_policy_draws_new_omega_every_call(make_inputs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("spec", ["favor-16/sum", "favor-16/sum/none"])
 @pytest.mark.parametrize("scale", [1.0, 6.0])
-def test_favor_kernel_read_matches_reference(spec, scale, dtype, build_memory, make_inputs):
+@pytest.mark.parametrize("block", [None, 80], ids=["one-block", "blocks-of-5-rows"])  # 5 does not divide 3·41
+def test_favor_kernel_read_matches_reference(spec, scale, block, dtype, build_memory, make_inputs, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(rb.feature_maps, "KERNEL_BLOCK", block)
     mem = build_memory(spec, d_key=8)
     assert mem._scores_read
     keys, values, betas, queries = make_inputs(3, 41, 8, 5, 1, dtype=dtype, requires_grad=False)
