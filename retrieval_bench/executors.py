@@ -89,7 +89,9 @@ class InlineExecutor(Executor):
 
         from .bench import tune_malloc
 
-        tune_malloc()  # as the pool's workers do: runs in this process reuse their large tensors' pages
+        # as the pool's workers do: runs in this process reuse their large tensors' pages (a process-wide
+        # setting that stays: the process keeps its high-water mark of memory)
+        tune_malloc()
         old = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)

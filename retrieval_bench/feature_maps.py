@@ -31,10 +31,12 @@ class FeatureMap(nn.Module):
     def seed(self, seed: int) -> None:
         """Seed the map's own random generator (no-op for deterministic maps)."""
 
-    def kernel(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | None:
-        """φ(k_t)·φ(q) as scores (B, L, Q) where the map computes them cheaper than through its features;
-        None (the default) where it does not, and the memory maps keys and queries itself."""
-        return None
+    def kernel(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """φ(k_t)·φ(q) as scores (B, L, 1) for keys (B, L, K) and one query per sequence (B, 1, K), for maps
+        that compute it cheaper than through their features. A map that does overrides this in the class that
+        defines its ``forward``; the memory calls it after ``begin_call``, for the sum rule without key
+        normalisation."""
+        raise NotImplementedError
 
 
 @feature_maps.register("identity")
@@ -205,11 +207,9 @@ class FavorPlus(FeatureMap):
             self.begin_call(x.shape[-1])
         return _FavorFunction.apply(x, self.omega.to(x.dtype), 1.0 / math.sqrt(2 * self.m))
 
-    def kernel(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor | None:
-        """For one query per sequence: φ(k)·φ(q) = (1/2m) Σ_i [e^{ω_i·(k+q) - h} + e^{-ω_i·(k+q) - h}] with
-        h = (‖k‖² + ‖q‖²)/2, m terms per position where the features have 2m, and no features kept."""
-        if queries.shape[1] != 1:
-            return None
+    def kernel(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """φ(k)·φ(q) = (1/2m) Σ_i [e^{ω_i·(k+q) - h} + e^{-ω_i·(k+q) - h}] with h = (‖k‖² + ‖q‖²)/2: m terms per
+        position where the features have 2m, and no features kept."""
         if self.omega.numel() == 0:
             self.begin_call(keys.shape[-1])
         return _FavorKernel.apply(keys, queries, self.omega.to(keys.dtype))
@@ -273,15 +273,16 @@ KERNEL_BLOCK = 2**19
 class _FavorKernel(torch.autograd.Function):
     """s_t = φ(k_t)·φ(q) for keys k (B, L, K) and one query q (B, 1, K), without the (B, L, 2m) features.
 
-    With u_t = k_t + q, P = uΩ and h_t = (‖k_t‖² + ‖q‖²)/2, s_t = (1/2m) Σ_i (e^{P_ti - h_t} + e^{-P_ti - h_t});
-    ∂s_t/∂P_ti = (1/2m)(e^{P_ti - h_t} - e^{-P_ti - h_t}) is all the backward keeps, and ∂s_t/∂h_t = -s_t.
+    With u_t = k_t + q, P = uΩ and h_t = (‖k_t‖² + ‖q‖²)/2 + ln 2m (the features' scale, inside the exponent
+    so that no sum overflows before the features would), s_t = Σ_i (e^{P_ti - h_t} + e^{-P_ti - h_t});
+    ∂s_t/∂P_ti = e^{P_ti - h_t} - e^{-P_ti - h_t} is all the backward keeps, and ∂s_t/∂h_t = -s_t.
     """
 
     @staticmethod
     def forward(ctx, k, q, omega):
         K, m = omega.shape
         u = (k + q).reshape(-1, K)  # (N, K), N = B·L
-        h = (0.5 * ((k * k).sum(-1) + (q * q).sum(-1))).reshape(-1, 1)  # (N, 1)
+        h = (0.5 * ((k * k).sum(-1) + (q * q).sum(-1)) + math.log(2 * m)).reshape(-1, 1)  # (N, 1)
         diff, s = u.new_empty(u.shape[0], m), u.new_empty(u.shape[0], 1)
         block = max(1, KERNEL_BLOCK // m)
         for i in range(0, u.shape[0], block):
@@ -291,7 +292,7 @@ class _FavorKernel(torch.autograd.Function):
             e_plus = _exp_(p.sub_(h[rows]))
             torch.add(e_plus.sum(-1, keepdim=True), e_minus.sum(-1, keepdim=True), out=s[rows])
             torch.sub(e_plus, e_minus, out=diff[rows])
-        s = s.mul_(0.5 / m).reshape(*k.shape[:-1], 1)
+        s = s.reshape(*k.shape[:-1], 1)
         ctx.save_for_backward(k, q, omega, diff, s)
         return s
 
@@ -300,7 +301,7 @@ class _FavorKernel(torch.autograd.Function):
     def backward(ctx, gs):
         k, q, omega, diff, s = ctx.saved_tensors
         K, m = omega.shape
-        c = (gs * (0.5 / m)).reshape(-1, 1)
+        c = gs.reshape(-1, 1)
         need_omega = ctx.needs_input_grad[2]
         gu = diff.new_empty(diff.shape[0], K)
         gomega = omega.new_zeros(K, m) if need_omega else None

@@ -92,6 +92,12 @@ def _defined_in(cls: type, name: str) -> type | None:
     return next((c for c in cls.__mro__ if name in vars(c)), None)
 
 
+def _own(cls: type, shortcut: str) -> bool:
+    """Whether ``shortcut`` is defined by the class that defines ``forward`` (not only by a base class)."""
+    where = _defined_in(cls, shortcut)
+    return where is not None and where is _defined_in(cls, "forward")
+
+
 class FastWeightMemory(Memory):
     """φ × update rule × normalisation (PAPER §1): features of keys and queries, then the rule."""
 
@@ -106,9 +112,9 @@ class FastWeightMemory(Memory):
         self.spec = spec
         self.gates = rule.gates
         # the sum rule reads only φ(k_t)·φ(q): a map with a cheaper kernel (FAVOR+) may give those directly
-        # (not for a subclass that redefines forward without read_scores)
-        self._scores_read = norm == "none" and _defined_in(type(rule), "read_scores") is not None and (
-            _defined_in(type(rule), "read_scores") is _defined_in(type(rule), "forward"))
+        # (each where the class that defines forward also defines the shortcut: a plugin subclass that changes
+        # forward alone is not bypassed)
+        self._scores_read = norm == "none" and _own(type(rule), "read_scores") and _own(type(phi), "kernel")
 
     def d_dot(self, d_key: int) -> int:
         return self.phi.dim(d_key)
@@ -121,10 +127,7 @@ class FastWeightMemory(Memory):
     def features(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised φ of keys (B, L, F) and queries (B, Q, F); one draw of a random φ serves both."""
         self.phi.begin_call(keys.shape[-1], keys.device, keys.dtype)
-        return self._map(keys), self._map(queries)
-
-    def _map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.phi(x))
+        return self.norm(self.phi(keys)), self.norm(self.phi(queries))
 
     def _gates(self, keys, betas, gates):
         out = dict(gates)
@@ -136,12 +139,10 @@ class FastWeightMemory(Memory):
         return out
 
     def forward(self, keys, values, betas=None, queries=None, **gates):
-        self.phi.begin_call(keys.shape[-1], keys.device, keys.dtype)
-        if self._scores_read:
-            s = self.phi.kernel(keys, queries)
-            if s is not None:
-                return self.rule.read_scores(s, values, self.attn)
-        k, q = self._map(keys), self._map(queries)
+        if self._scores_read and queries.shape[1] == 1:  # one query per sequence: training
+            self.phi.begin_call(keys.shape[-1], keys.device, keys.dtype)
+            return self.rule.read_scores(self.phi.kernel(keys, queries), values, self.attn)
+        k, q = self.features(keys, queries)
         return self.rule.forward(k, values, q, self._gates(keys, betas, gates), self.attn)
 
     def reference(self, keys, values, betas=None, queries=None, **gates):
