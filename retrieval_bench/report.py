@@ -314,7 +314,8 @@ def learning_curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, num_keys: i
 
 def _diagnostics_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, panels: list, num_keys: int | None,
                         what: str) -> Figure:
-    """Diagnostics panels at one S per task (default: the largest with diagnostics, where stress shows), each
+    """Diagnostics panels at one S per task (default: the largest where the most memories have diagnostics, where
+    stress shows), each
     task on rows of its own; per-position metrics from each run's last evaluation (the trained memory)."""
     diags = diagnostics[diagnostics["run_id"].isin(_require(runs, "runs")["run_id"])]
     per_pos = diags[diags["position"].notna()]
@@ -325,7 +326,10 @@ def _diagnostics_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, panels: l
     for title, sub in _facets(runs):
         sel = sub if num_keys is None else sub[sub["num_keys"] == num_keys]
         have = diags[diags["run_id"].isin(sel["run_id"])]
-        sel = sel[sel[x] == sel.loc[sel["run_id"].isin(have["run_id"]), x].max()]
+        # the largest S among those where the most memories have diagnostics (so that a sweep extended for one
+        # memory does not leave the others out of the figure)
+        per_x = sel[sel["run_id"].isin(have["run_id"])].groupby(x)["memory"].nunique()
+        sel = sel[sel[x] == per_x[per_x == per_x.max()].index.max()] if len(per_x) else sel.iloc[:0]
         have = have.merge(sel[["run_id", "memory", "status"]], on="run_id")
         row = []
         for candidates, ylabel, xcol, scale in panels:
@@ -404,7 +408,8 @@ def stability_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, num_keys: in
     Args:
         runs: The ``runs`` table of one experiment.
         diagnostics: The ``diagnostics`` table.
-        num_keys: The S to show; None picks the largest swept value that has diagnostics.
+        num_keys: The S to show; None picks the largest swept value among those where the most memories have
+            diagnostics.
     """
     return _diagnostics_figure(runs, diagnostics, STABILITY, num_keys, "stability")
 
@@ -417,7 +422,8 @@ def contrast_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, num_keys: int
     Args:
         runs: The ``runs`` table of one experiment.
         diagnostics: The ``diagnostics`` table.
-        num_keys: The S to show; None picks the largest swept value that has diagnostics.
+        num_keys: The S to show; None picks the largest swept value among those where the most memories have
+            diagnostics.
     """
     return _diagnostics_figure(runs, diagnostics, CONTRAST, num_keys, "contrast")
 

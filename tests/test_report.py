@@ -189,6 +189,21 @@ def test_stability_marks_non_finite_state_of_diverged_run(frames):
     assert "softmax (no data)" in labels  # softmax has no state: said in the legend, not silently dropped
 
 
+def test_diagnostics_shown_at_the_largest_S_most_memories_have(frames):
+    runs, diags = _capacity(frames), frames["diagnostics"]
+    with_diags = runs[runs["run_id"].isin(diags["run_id"]) & (runs["num_keys"] == 48)]
+    src = with_diags.iloc[[0]]
+    extra = src.assign(run_id="extra", num_keys=96, seq_len=96)  # one memory alone swept further
+    extra_diags = diags[diags["run_id"] == src["run_id"].iloc[0]].assign(run_id="extra")
+    fig = report.stability_figure(pd.concat([runs, extra]), pd.concat([diags, extra_diags]))
+    titles = {ax.get_title() for ax in fig.axes if ax.get_visible()}
+    assert titles and all("S = 48" in t for t in titles), titles
+    # with no other memory left at 48, the largest S wins again
+    alone = pd.concat([runs[runs["memory"] == src["memory"].iloc[0]], extra])
+    fig = report.stability_figure(alone, pd.concat([diags, extra_diags]))
+    assert all("S = 96" in ax.get_title() for ax in fig.axes if ax.get_visible())
+
+
 def _hand_runs():
     rows = []
     for seed in (0, 1):
