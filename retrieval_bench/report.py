@@ -133,6 +133,17 @@ def _sweep_axis(df: pd.DataFrame) -> tuple[str, str, str]:
     return "num_keys", "number of keys $S$", "S"
 
 
+def _sweep_ticks(ax: Axes, values: pd.Series) -> None:
+    """Integer ticks; a doubling sweep (L = 40, 80, ..., 2560) on a log2 axis, ticked at its values."""
+    v = np.sort(values.dropna().unique())
+    if len(v) >= 3 and v[0] > 0 and np.allclose(v[1:] / v[:-1], 2.0):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(v, [f"{x:g}" for x in v])
+        ax.minorticks_off()
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _order(runs: pd.DataFrame) -> list[str]:
     """Memories by d_dot (capacity order; softmax, unbounded, last), then name: legends read like Fig. 2."""
     d = runs.groupby("memory")["d_dot"].min()
@@ -259,7 +270,7 @@ def capacity_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
         p.lines(ax, done.assign(final_loss=done["final_loss"].clip(lower=LOG_FLOOR)), x, "final_loss",
                 marker="o", ms=3)
         row = 0
-        for mem in p.memories:
+        for mem in p.memories if x == "num_keys" else []:  # d_dot bounds S, not the number of writes
             for d_dot in sorted(sub.loc[sub["memory"] == mem, "d_dot"].dropna().unique()):
                 if d_dot <= 1.05 * sub[x].max():
                     ax.axvline(d_dot, color=p.colors[mem], ls=":", lw=1.0)
@@ -271,7 +282,7 @@ def capacity_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
                     marks.add("beyond")
         p.failed(ax, sub.loc[sub["status"].isin(FAILED), "memory"], sub.loc[sub["status"].isin(FAILED), x])
         extras = [_threshold(ax, threshold)]
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _sweep_ticks(ax, sub[x])
         ax.set(yscale="log", xlabel=xlabel, ylabel="final eval loss", title=title)
     styles = {"in": ("$d_{dot}$ of the memory", {"ls": ":"}),
               "beyond": ("$d_{dot}$ beyond the axis", {"ls": "none", "marker": ">", "ms": 5})}
@@ -395,7 +406,7 @@ def normalisation_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
         bad = sub[sub["status"].isin(FAILED)]
         p.failed(ax, bad["memory"], bad[x])
         extras = [_threshold(ax, threshold)]
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _sweep_ticks(ax, sub[x])
         ax.set(yscale="log", xlabel=xlabel, ylabel="final eval loss", title=title)
     return p.finish(extras)
 

@@ -248,8 +248,14 @@ def test_final_loss_table_is_median_over_finished_seeds():
 def test_length_sweep_plots_against_writes(frames):
     runs = pd.DataFrame([_run("len", "overwrite", "dpfp-1/delta", 20, n, 40, 0, 1e-4) for n in (20, 40, 80)])
     fig = report.capacity_figure(runs)
-    assert "number of writes" in fig.axes[0].get_xlabel()
+    ax = fig.axes[0]
+    assert "number of writes" in ax.get_xlabel()
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [20, 40, 80]  # doubling: a log2 axis
+    # d_dot (40 here) bounds the number of keys, not of writes: no d_dot mark on an L axis
+    assert not [ln for ln in ax.get_lines() if ln.get_linestyle() == ":"]
     assert list(report.final_loss_table(runs).columns) == [20, 40, 80]
+    even = runs.assign(num_keys=[20, 40, 60], seq_len=[20, 40, 60])
+    assert report.capacity_figure(even).axes[0].get_xscale() == "linear"
 
 
 def test_load_frames_fills_missing_tables(tmp_path, frames):
