@@ -280,6 +280,12 @@ class _FavorFunction(torch.autograd.Function):
 KERNEL_BLOCK = 2**19
 
 
+def _row_blocks(n: int, m: int):
+    """Slices of rows covering 0..n in blocks of KERNEL_BLOCK // m rows (one row at least)."""
+    block = max(1, KERNEL_BLOCK // m)
+    return (slice(i, i + block) for i in range(0, n, block))
+
+
 class _FavorKernel(torch.autograd.Function):
     """s_t = φ(k_t)·φ(q) for keys k (B, L, K) and one query q (B, 1, K), without the (B, L, 2m) features.
 
@@ -294,9 +300,7 @@ class _FavorKernel(torch.autograd.Function):
         u = (k + q).reshape(-1, K)  # (N, K), N = B·L
         h = (0.5 * ((k * k).sum(-1) + (q * q).sum(-1)) + math.log(2 * m)).reshape(-1, 1)  # (N, 1)
         diff, s = u.new_empty(u.shape[0], m), u.new_empty(u.shape[0], 1)
-        block = max(1, KERNEL_BLOCK // m)
-        for i in range(0, u.shape[0], block):
-            rows = slice(i, i + block)
+        for rows in _row_blocks(u.shape[0], m):
             p = u[rows] @ omega
             e_minus = _kernel_exp_(torch.sub(-h[rows], p))
             e_plus = _kernel_exp_(p.sub_(h[rows]))
@@ -316,9 +320,7 @@ class _FavorKernel(torch.autograd.Function):
         gu = diff.new_empty(diff.shape[0], K)
         gomega = omega.new_zeros(K, m) if need_omega else None
         u = (k + q).reshape(-1, K) if need_omega else None
-        block = max(1, KERNEL_BLOCK // m)
-        for i in range(0, diff.shape[0], block):
-            rows = slice(i, i + block)
+        for rows in _row_blocks(diff.shape[0], m):
             gp = diff[rows] * c[rows]  # ∂/∂P of the block, (rows, m)
             torch.mm(gp, omega.t(), out=gu[rows])
             if need_omega:

@@ -248,6 +248,20 @@ def _normalisation_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return df[varies]
 
 
+def _final_loss_panel(p: _Panels, ax: Axes, sub: pd.DataFrame, x: str, xlabel: str, title: str,
+                      threshold: float) -> list[tuple[str, dict]]:
+    """One panel of final eval loss against x (log scale, floored at LOG_FLOOR), an x mark per diverged or
+    failed run, and the threshold line; returns the legend extras."""
+    done = sub[sub["status"] == "done"]
+    p.lines(ax, done.assign(final_loss=done["final_loss"].clip(lower=LOG_FLOOR)), x, "final_loss", marker="o", ms=3)
+    bad = sub[sub["status"].isin(FAILED)]
+    p.failed(ax, bad["memory"], bad[x])
+    extras = [_threshold(ax, threshold)]
+    _sweep_ticks(ax, sub[x])
+    ax.set(yscale="log", xlabel=xlabel, ylabel="final eval loss", title=title)
+    return extras
+
+
 # ---------------------------------------------------------------------------------------------------- figures
 @_styled
 def capacity_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
@@ -266,9 +280,7 @@ def capacity_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
     p = _Panels(len(facets), _order(runs), width=DOUBLE, height=2.6, ncols=1)
     marks: set[str] = set()  # which d_dot marks were drawn: "in" (a dotted line), "beyond" (an arrow)
     for ax, (title, sub) in zip(p.axes, facets, strict=True):
-        done = sub[sub["status"] == "done"]
-        p.lines(ax, done.assign(final_loss=done["final_loss"].clip(lower=LOG_FLOOR)), x, "final_loss",
-                marker="o", ms=3)
+        extras = _final_loss_panel(p, ax, sub, x, xlabel, title, threshold)
         row = 0
         for mem in p.memories if x == "num_keys" else []:  # d_dot bounds S, not the number of writes
             for d_dot in sorted(sub.loc[sub["memory"] == mem, "d_dot"].dropna().unique()):
@@ -280,10 +292,6 @@ def capacity_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
                             clip_on=False, ls="none", marker=">", ms=5)
                     row += 1
                     marks.add("beyond")
-        p.failed(ax, sub.loc[sub["status"].isin(FAILED), "memory"], sub.loc[sub["status"].isin(FAILED), x])
-        extras = [_threshold(ax, threshold)]
-        _sweep_ticks(ax, sub[x])
-        ax.set(yscale="log", xlabel=xlabel, ylabel="final eval loss", title=title)
     styles = {"in": ("$d_{dot}$ of the memory", {"ls": ":"}),
               "beyond": ("$d_{dot}$ beyond the axis", {"ls": "none", "marker": ">", "ms": 5})}
     return p.finish(extras + [styles[m] for m in ("in", "beyond") if m in marks])
@@ -326,8 +334,8 @@ def learning_curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, num_keys: i
 def _diagnostics_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, panels: list, num_keys: int | None,
                         what: str) -> Figure:
     """Diagnostics panels at one S per task (default: the largest where the most memories have diagnostics, where
-    stress shows), each
-    task on rows of its own; per-position metrics from each run's last evaluation (the trained memory)."""
+    stress shows), each task on rows of its own; per-position metrics from each run's last evaluation (the
+    trained memory)."""
     diags = diagnostics[diagnostics["run_id"].isin(_require(runs, "runs")["run_id"])]
     per_pos = diags[diags["position"].notna()]
     last = per_pos.groupby("run_id")["step"].transform("max")
@@ -400,14 +408,7 @@ def normalisation_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
     for ax, (vals, sub) in zip(p.axes, facets, strict=True):
         *head, phi, rule = vals
         title = ", ".join([f"{k} = {_fmt(v)}" for k, v in zip(keys, head, strict=True)] + [f"φ = {phi}", rule])
-        done = sub[sub["status"] == "done"]
-        p.lines(ax, done.assign(final_loss=done["final_loss"].clip(lower=LOG_FLOOR)), x, "final_loss",
-                marker="o", ms=3)
-        bad = sub[sub["status"].isin(FAILED)]
-        p.failed(ax, bad["memory"], bad[x])
-        extras = [_threshold(ax, threshold)]
-        _sweep_ticks(ax, sub[x])
-        ax.set(yscale="log", xlabel=xlabel, ylabel="final eval loss", title=title)
+        extras = _final_loss_panel(p, ax, sub, x, xlabel, title, threshold)
     return p.finish(extras)
 
 
