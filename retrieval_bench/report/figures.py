@@ -1,18 +1,11 @@
-"""Figures, tables and report.md from the results store: capacity (paper Fig. 2), learning curves (Fig. 3),
-normalisation, stability, contrast and speed.
-
-Figure functions are pure (DataFrames in, a ``matplotlib.figure.Figure`` out, never pyplot, so nothing is
-shown or kept alive); ``write_report`` does the I/O. A diverged or failed run is an x at the top of its axis.
-"""
+"""Figures: DataFrames in, a ``matplotlib.figure.Figure`` out (never pyplot, so nothing is shown or kept alive),
+drawn under seaborn's paper style. A diverged or failed run is an x at the top of its axis."""
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
-import sqlite3
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import matplotlib as mpl
 import numpy as np
@@ -24,26 +17,10 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 
-from .colors import NORM_COLORS, memory_color, palette
-
-__all__ = ["NoDataError", "load_frames", "capacity_figure", "learning_curves_figure", "normalisation_figure",
-           "stability_figure", "contrast_figure", "bench_figure", "capacity_table", "final_loss_table",
-           "write_report", "memory_color"]
-
-log = logging.getLogger(__name__)
+from .colors import NORM_COLORS, palette
+from .frames import FAILED, LOG_FLOOR, NoDataError, fmt, memory_order, normalisation_runs, sweep_axis
 
 SINGLE, DOUBLE = 3.25, 6.75  # paper column widths, inches
-FAILED = ("diverged", "failed")
-LOG_FLOOR = 1e-8  # a loss of exactly 0 has no place on a log axis: it is drawn at this floor
-SCHEMA = {  # the columns every loaded frame has, whatever the store holds
-    "runs": "run_id experiment task memory num_keys seq_len d_key d_dot seed status steps final_loss "
-    "best_loss final_acc wall_s config version finished_at",
-    "curves": "run_id step split metric value",
-    "diagnostics": "run_id step position metric value",
-    "bench": "memory num_keys seq_len form threads ms_step ms_eval peak_mb max_diff status",
-}
-NUMERIC = set("num_keys seq_len d_key d_dot seed steps final_loss best_loss final_acc wall_s step position "
-              "value threads ms_step ms_eval peak_mb max_diff".split())
 # Diagnostics panels: (metrics, the first present wins; y label; x axis; y scale: "auto" = log if it spans
 # decades)
 STABILITY = [
@@ -59,53 +36,12 @@ CONTRAST = [  # a cosine lives in [-1, 1]: always a linear axis
     (("interference",), r"interference $\|\bar v_t\|$, first writes", "position", "auto"),
 ]
 XLABEL = {"position": "write position $t$", "step": "training step"}
-# The key/query normalisation a built-in rule uses when a memory name gives none, as (norm, attn): the rules'
-# default_norm / default_attn (memories/rules.py), copied so that the report needs no torch; a test checks them.
-RULE_DEFAULTS = {"sum": ("none", True), "delta": ("sum", False), "fwm": ("none", False)}
 NORM_ORDER = ("sum", "sum+attn", "l2", "none")  # then any other normalisation, alphabetically
 FAILED_STYLE = {"ls": "none", "marker": "x", "ms": 6, "mew": 1.5}
 
 
-class NoDataError(ValueError):
-    """A figure has no rows to draw; ``write_report`` skips it and says so in report.md."""
-
-
-def load_frames(store_path: str | Path) -> dict[str, pd.DataFrame]:
-    """Read the store's tables (runs, curves, diagnostics, bench), read-only.
-
-    Args:
-        store_path: The SQLite results store.
-
-    Returns:
-        Table name -> DataFrame, with every ``SCHEMA`` column (a missing table is an empty frame, a missing
-        column NaN); numeric columns are numbers (NULL -> NaN).
-
-    Raises:
-        FileNotFoundError: If the store does not exist (sqlite would quietly create an empty one).
-    """
-    path = Path(store_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no results store at {path}")
-    # Read-only: a report may run while the driver writes, and must never create or change the store.
-    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        frames = {}
-        for name, cols in SCHEMA.items():
-            df = pd.read_sql_query(f"SELECT * FROM {name}", con) if name in tables else pd.DataFrame()
-            for col in cols.split():
-                if col not in df.columns:
-                    df[col] = pd.Series(dtype=float if col in NUMERIC else object)
-            for col in NUMERIC & set(df.columns):
-                df[col] = pd.to_numeric(df[col], errors="coerce")
-            frames[name] = df
-    finally:
-        con.close()
-    return frames
-
-
 # ---------------------------------------------------------------------------------------------------- helpers
-def _rc() -> dict:
+def style_rc() -> dict:
     return {**sns.axes_style("whitegrid"), **sns.plotting_context("paper"), "pdf.fonttype": 42}
 
 
@@ -114,7 +50,7 @@ def _styled(fn: Callable[..., Figure]) -> Callable[..., Figure]:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs) -> Figure:
-        with mpl.rc_context(_rc()):  # ticks made at draw time copy the first tick, made here: style sticks
+        with mpl.rc_context(style_rc()):  # ticks made at draw time copy the first tick, made here: style sticks
             return fn(*args, **kwargs)
 
     return wrapper
@@ -124,13 +60,6 @@ def _require(df: pd.DataFrame | None, what: str) -> pd.DataFrame:
     if df is None or df.empty:
         raise NoDataError(f"no {what} rows")
     return df
-
-
-def _sweep_axis(df: pd.DataFrame) -> tuple[str, str, str]:
-    """The swept column, its axis label and symbol: S, or L when S is fixed and the run length varies."""
-    if df["num_keys"].nunique() <= 1 and df["seq_len"].nunique() > 1:
-        return "seq_len", "number of writes $L$", "L"
-    return "num_keys", "number of keys $S$", "S"
 
 
 def _sweep_ticks(ax: Axes, values: pd.Series) -> None:
@@ -144,19 +73,13 @@ def _sweep_ticks(ax: Axes, values: pd.Series) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _order(runs: pd.DataFrame) -> list[str]:
-    """Memories by d_dot (capacity order; softmax, unbounded, last), then name: legends read like Fig. 2."""
-    d = runs.groupby("memory")["d_dot"].min()
-    return sorted(d.index, key=lambda m: (math.isnan(d[m]), 0 if math.isnan(d[m]) else d[m], m))
-
-
 def _facets(df: pd.DataFrame, keys: Iterable[str] = ("task", "d_key")) -> list[tuple[str, pd.DataFrame]]:
     """One panel per task (and d_key etc. when they vary): lines of different tasks never share an axis."""
     keys = [k for k in keys if k in df.columns and df[k].nunique() > 1]
     if not keys:  # one panel, still titled with its task
         tasks = df["task"].dropna().unique() if "task" in df.columns else []
         return [(f"task = {tasks[0]}" if len(tasks) else "", df)]
-    return [(", ".join(f"{k} = {_fmt(v)}" for k, v in zip(keys, vals, strict=True)), g)
+    return [(", ".join(f"{k} = {fmt(v)}" for k, v in zip(keys, vals, strict=True)), g)
             for vals, g in df.groupby(keys, sort=True, dropna=False)]
 
 
@@ -215,39 +138,6 @@ def _threshold(ax: Axes, threshold: float) -> tuple[str, dict]:
     return f"solved threshold ({threshold:g})", {"ls": "--", "color": "0.5"}
 
 
-def _split_spec(memory: object) -> tuple[str, str, str] | None:
-    """(φ, rule, normalisation label) of a ``PHI/RULE[/NORM[+attn]]`` memory name, as ``parse_spec`` reads it.
-
-    The label is the normalisation plus "+attn" with the attention normaliser ("sum", "sum+attn", "none+attn"
-    for ``.../attn``). Without NORM a built-in rule's default applies. None for a registered memory
-    (``softmax``), a malformed name, or a plugin rule without NORM, whose default the report cannot know.
-    """
-    parts = memory.split("/") if isinstance(memory, str) else []
-    if len(parts) not in (2, 3) or not all(parts):
-        return None
-    if len(parts) == 2:
-        if parts[1] not in RULE_DEFAULTS:
-            return None
-        norm, attn = RULE_DEFAULTS[parts[1]]
-    else:
-        norm, _, extra = parts[2].partition("+")
-        if extra not in ("", "attn"):
-            return None
-        attn, norm = extra == "attn" or norm == "attn", "none" if norm == "attn" else norm
-    return parts[0], parts[1], norm + ("+attn" if attn else "")
-
-
-def _normalisation_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs of each (task, d_key, φ, rule) that is run under two or more normalisations, with columns phi,
-    rule and norm (the label); ``memory`` becomes the label, so ``_Panels`` draws one line per normalisation."""
-    runs = runs.reset_index(drop=True)  # a concatenation of frames may repeat labels
-    split = runs["memory"].map(_split_spec).dropna()
-    parts = pd.DataFrame(split.tolist(), index=split.index, columns=["phi", "rule", "norm"])
-    df = runs.loc[split.index].join(parts).assign(memory=parts["norm"])
-    varies = df.groupby(["task", "d_key", "phi", "rule"], dropna=False)["norm"].transform("nunique") > 1
-    return df[varies]
-
-
 def _final_loss_panel(p: _Panels, ax: Axes, sub: pd.DataFrame, x: str, xlabel: str, title: str,
                       threshold: float) -> list[tuple[str, dict]]:
     """One panel of final eval loss against x (log scale, floored at LOG_FLOOR), an x mark per diverged or
@@ -275,9 +165,9 @@ def capacity_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
         runs: The ``runs`` table of one experiment.
         threshold: The "solved" loss, drawn dashed.
     """
-    x, xlabel, _ = _sweep_axis(_require(runs, "runs"))
+    x, xlabel, _ = sweep_axis(_require(runs, "runs"))
     facets = _facets(runs)
-    p = _Panels(len(facets), _order(runs), width=DOUBLE, height=2.6, ncols=1)
+    p = _Panels(len(facets), memory_order(runs), width=DOUBLE, height=2.6, ncols=1)
     marks: set[str] = set()  # which d_dot marks were drawn: "in" (a dotted line), "beyond" (an arrow)
     for ax, (title, sub) in zip(p.axes, facets, strict=True):
         extras = _final_loss_panel(p, ax, sub, x, xlabel, title, threshold)
@@ -310,9 +200,9 @@ def learning_curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, num_keys: i
     """
     evals = curves[(curves["split"] == "eval") & (curves["metric"] == "loss")]
     evals = _require(evals[evals["run_id"].isin(_require(runs, "runs")["run_id"])], "eval loss curve")
-    x, _, sym = _sweep_axis(runs)
+    x, _, sym = sweep_axis(runs)
     facets = _facets(runs)
-    p = _Panels(len(facets), _order(runs), height=2.6)
+    p = _Panels(len(facets), memory_order(runs), height=2.6)
     for ax, (title, sub) in zip(p.axes, facets, strict=True):
         sel = sub if num_keys is None else sub[sub["num_keys"] == num_keys]
         traced = sel[sel["run_id"].isin(evals["run_id"])]
@@ -325,7 +215,7 @@ def learning_curves_figure(runs: pd.DataFrame, curves: pd.DataFrame, num_keys: i
         bad = sel[sel["status"].isin(FAILED)]
         p.failed(ax, bad["memory"], bad["run_id"].map(last).fillna(bad["steps"]).fillna(0))
         extras = [_threshold(ax, threshold)]
-        where = f"{sym} = {_fmt(value)}" if len(sel) else f"no runs at S = {num_keys}"
+        where = f"{sym} = {fmt(value)}" if len(sel) else f"no runs at S = {num_keys}"
         title = ", ".join(filter(None, [title, where]))
         ax.set(yscale="log", xlabel="training step", ylabel="eval loss", title=title)
     return p.finish(extras, "diverged / failed run (last step)")
@@ -340,7 +230,7 @@ def _diagnostics_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, panels: l
     per_pos = diags[diags["position"].notna()]
     last = per_pos.groupby("run_id")["step"].transform("max")
     diags = pd.concat([per_pos[per_pos["step"] == last], diags[diags["position"].isna()]])
-    x, _, sym = _sweep_axis(runs)
+    x, _, sym = sweep_axis(runs)
     cells = []  # (title, y label, x column, y scale, rows of the panel's metric); None = an empty cell
     for title, sub in _facets(runs):
         sel = sub if num_keys is None else sub[sub["num_keys"] == num_keys]
@@ -355,12 +245,12 @@ def _diagnostics_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame, panels: l
             rows = have[have["position"].notna() == (xcol == "position")]
             metric = next((m for m in candidates if (rows["metric"] == m).any()), None)
             if metric is not None:
-                head = ", ".join(filter(None, [title, f"{sym} = {_fmt(sel[x].iloc[0])}"]))
+                head = ", ".join(filter(None, [title, f"{sym} = {fmt(sel[x].iloc[0])}"]))
                 row.append((head, ylabel, xcol, scale, rows[rows["metric"] == metric]))
         cells += row + [None] * (len(row) % 2)  # each task starts on a new row of the 2-column grid
     if not any(cells):
         raise NoDataError(f"no {what} diagnostics rows")
-    p = _Panels(len(cells), _order(runs), height=2.2)
+    p = _Panels(len(cells), memory_order(runs), height=2.2)
     for ax, cell in zip(p.axes, cells, strict=True):
         if cell is None:
             ax.set_visible(False)
@@ -396,10 +286,10 @@ def normalisation_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
     Raises:
         NoDataError: If no feature map and rule is run under two or more normalisations.
     """
-    df = _normalisation_runs(_require(runs, "runs"))
+    df = normalisation_runs(_require(runs, "runs"))
     if df.empty:
         raise NoDataError("no memories that differ only in normalisation")
-    x, xlabel, _ = _sweep_axis(df)
+    x, xlabel, _ = sweep_axis(df)
     keys = ["task"] + (["d_key"] if df["d_key"].nunique() > 1 else [])
     facets = list(df.groupby(keys + ["phi", "rule"], sort=True, dropna=False))
     rank = {n: i for i, n in enumerate(NORM_ORDER)}
@@ -407,7 +297,7 @@ def normalisation_figure(runs: pd.DataFrame, threshold: float = 1e-3) -> Figure:
     p = _Panels(len(facets), labels, width=DOUBLE, height=2.4, colors=palette(labels, NORM_COLORS))
     for ax, (vals, sub) in zip(p.axes, facets, strict=True):
         *head, phi, rule = vals
-        title = ", ".join([f"{k} = {_fmt(v)}" for k, v in zip(keys, head, strict=True)] + [f"φ = {phi}", rule])
+        title = ", ".join([f"{k} = {fmt(v)}" for k, v in zip(keys, head, strict=True)] + [f"φ = {phi}", rule])
         extras = _final_loss_panel(p, ax, sub, x, xlabel, title, threshold)
     return p.finish(extras)
 
@@ -448,7 +338,7 @@ def bench_figure(bench: pd.DataFrame) -> Figure:
         bench: The ``bench`` table; a row without a finite ``ms_step`` (skipped as too big, or failed) is an x
             where it breaks its memory's line.
     """
-    x, xlabel, _ = _sweep_axis(_require(bench, "bench"))
+    x, xlabel, _ = sweep_axis(_require(bench, "bench"))
     facets = _facets(bench, ("task", "d_key", "threads", "batch_size"))
     p = _Panels(len(facets), sorted(bench["memory"].dropna().unique()), height=2.6)
     styles = {"fast": "-", "reference": "--"}
@@ -465,201 +355,3 @@ def bench_figure(bench: pd.DataFrame) -> Figure:
         ax.set(yscale="log", xlabel=xlabel, ylabel="ms per training step", title=title or "speed")
     forms = [(f"{form} form", {"ls": ls}) for form, ls in styles.items()]
     return p.finish(forms, "no timing (skipped, failed)")
-
-
-# ---------------------------------------------------------------------------------------------------- tables
-def _keys(runs: pd.DataFrame) -> list[str]:
-    return [c for c in ("task", "d_key") if runs[c].nunique() > 1] + ["memory"]
-
-
-def _sorted(df: pd.DataFrame, runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    rank = {m: i for i, m in enumerate(_order(runs))}
-    return df.sort_values(keys, key=lambda s: s.map(rank) if s.name == "memory" else s)
-
-
-def capacity_table(runs: pd.DataFrame, threshold: float = 1e-3) -> pd.DataFrame:
-    """Capacity per memory: the largest S solved and its ratio to d_dot (PAPER.md §3).
-
-    S counts as solved when the median final eval loss over seeds is <= ``threshold``; a diverged or failed
-    seed counts as unsolved (loss inf), so a memory that diverges in most seeds gets no credit.
-
-    Args:
-        runs: The ``runs`` table of one experiment.
-        threshold: The solved loss.
-
-    Returns:
-        Columns memory, d_dot, largest_solved_S (NaN if none), ratio_to_d_dot, loss_at_largest_S (median over
-        finished seeds at the largest S swept), n_seeds, n_diverged, and first_failed_S (the paper's cliff);
-        task and d_key come first when they vary. S reads L in a length sweep.
-    """
-    cols = ["memory", "d_dot", "largest_solved_S", "ratio_to_d_dot", "loss_at_largest_S", "n_seeds",
-            "n_diverged", "first_failed_S"]
-    if runs.empty:
-        return pd.DataFrame(columns=cols)
-    x, keys = _sweep_axis(runs)[0], _keys(runs)
-    scored = runs.assign(loss=runs["final_loss"].where(runs["status"] == "done").fillna(np.inf))
-    rows = []
-    for vals, g in scored.groupby(keys, sort=False, dropna=False):
-        med = g.groupby(x)["loss"].median()
-        solved, unsolved = med.index[med <= threshold], med.index[med > threshold]
-        d_dot, largest = g["d_dot"].min(), solved.max() if len(solved) else np.nan
-        done = g[(g["status"] == "done") & (g[x] == g[x].max())]
-        rows.append({**dict(zip(keys, vals, strict=True)), "d_dot": d_dot, "largest_solved_S": largest,
-                     "ratio_to_d_dot": largest / d_dot if d_dot > 0 else np.nan,
-                     "loss_at_largest_S": done["final_loss"].median(), "n_seeds": g["seed"].nunique(),
-                     "n_diverged": int(g["status"].isin(FAILED).sum()),
-                     "first_failed_S": unsolved.min() if len(unsolved) else np.nan})
-    return _sorted(pd.DataFrame(rows), runs, keys)[keys[:-1] + cols].reset_index(drop=True)
-
-
-def final_loss_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Median final eval loss over finished seeds: rows memory (task, memory with several tasks), columns S.
-
-    Args:
-        runs: The ``runs`` table of one experiment.
-
-    Returns:
-        The pivot; NaN where every seed diverged or failed. Columns are L in a length sweep.
-    """
-    if runs.empty:
-        return pd.DataFrame()
-    x, keys = _sweep_axis(runs)[0], _keys(runs)
-    table = runs[runs["status"] == "done"].pivot_table(index=keys, columns=x, values="final_loss",
-                                                       aggfunc="median")
-    index = _sorted(runs[keys].drop_duplicates(), runs, keys).set_index(keys).index
-    return table.reindex(index=index, columns=sorted(runs[x].dropna().unique()))
-
-
-# ---------------------------------------------------------------------------------------------------- report
-SECTIONS = {  # stem: (heading, caption); lines are medians over seeds, bands min-max
-    "capacity": ("Capacity (paper Fig. 2)", "Final eval loss against {axis}; dotted: each memory's d_dot."),
-    "learning_curves": ("Learning curves (paper Fig. 3)", "Eval loss at the smallest {sym} of each task."),
-    "normalisation": ("Normalisation", "Final eval loss against {axis} per key/query normalisation (+attn: with "
-                      "the attention normaliser), one panel per feature map and rule."),
-    "stability": ("Stability", "State norm and normaliser along the sequence (last evaluation), and their "
-                  "largest values over training."),
-    "contrast": ("Retrieved-vs-written contrast", "cos(v̄_t, v_t), v̄_t read at k_t just before writing v_t, "
-                 "and interference, along the sequence (last evaluation)."),
-    "bench": ("Speed", "Milliseconds per training step: fast form (solid), reference loop (dashed)."),
-}
-OPTIONAL = {"normalisation"}  # figures that apply to some experiments only: elsewhere no section, not a skip
-
-
-def _fmt(v: object) -> str:
-    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float | np.floating):
-        return "∞" if math.isinf(v) else str(int(v)) if float(v).is_integer() else f"{v:.3g}"
-    return str(v)
-
-
-def _markdown(df: pd.DataFrame) -> list[str]:
-    head = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    return head + ["| " + " | ".join(map(_fmt, row)) + " |" for row in df.itertuples(index=False)]
-
-
-def _save(fig: Figure, stem: Path) -> list[Path]:
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    with mpl.rc_context(_rc()):
-        # no version or date in the files: the same store gives the same bytes
-        fig.savefig(paths[0], dpi=300, bbox_inches="tight", metadata={"Software": None})
-        fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
-    return paths
-
-
-def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: float, store: str,
-               figures: dict[str, str]) -> str:
-    x, axis, sym = _sweep_axis(runs)
-    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().sort_index().items())
-    values = {c: ", ".join(map(_fmt, sorted(runs[c].dropna().unique()))) for c in ("task", x, "version")}
-    # an absolute path names the writer's machine: keep only the file name then
-    shown = store if not Path(store).is_absolute() else Path(store).name
-    md = [f"# {name}", "", f"Store `{shown}`: {len(runs)} runs ({counts}); tasks {values['task']}; "
-          f"{sym} = {values[x]}; {runs['seed'].nunique()} seeds; version {values['version'] or '–'}."]
-
-    def section(stem: str) -> list[str]:
-        (heading, caption), body = SECTIONS[stem], figures[stem]
-        if body is None:  # an optional figure that does not apply to this experiment
-            return []
-        caption = caption.format(axis=axis.replace("$", ""), sym=sym)
-        return ["", f"## {heading}", "", body] + ([] if body.startswith("_Skipped") else ["", caption])
-
-    md += section("capacity") + section("learning_curves") + section("normalisation")
-    md += ["", "## Capacity table", "", f"An {sym} is solved when the median final eval loss over seeds is "
-           f"<= {threshold:g} (a diverged seed counts as unsolved); loss_at_largest_S is at the largest "
-           f"{sym} swept. ([CSV](capacity_table.csv))", "", *_markdown(table)]
-    losses = final_loss_table(runs).reset_index()
-    losses.columns = [c if isinstance(c, str) else f"{sym} = {_fmt(c)}" for c in losses.columns]
-    md += ["", "## Final eval loss (median over finished seeds)", "", *_markdown(losses)]
-    for stem in ("stability", "contrast", "bench"):
-        md += section(stem)
-    return "\n".join(md) + "\n"
-
-
-def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, threshold: float,
-                      store: str) -> list[Path]:
-    runs = frames["runs"][frames["runs"]["experiment"] == name]
-    curves, diags = (frames[t][frames[t]["run_id"].isin(runs["run_id"])] for t in ("curves", "diagnostics"))
-    bench = frames["bench"]
-    if "experiment" in bench.columns and bench["experiment"].notna().any():  # else it serves every report
-        bench = bench[bench["experiment"] == name]
-    builders = {
-        "capacity": lambda: capacity_figure(runs, threshold),
-        "learning_curves": lambda: learning_curves_figure(runs, curves, threshold=threshold),
-        "normalisation": lambda: normalisation_figure(runs, threshold),
-        "stability": lambda: stability_figure(runs, diags),
-        "contrast": lambda: contrast_figure(runs, diags),
-        "bench": lambda: bench_figure(bench),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    written, figures = [], {}  # figures: stem -> its report.md body, None to leave its section out
-    for stem, build in builders.items():
-        try:
-            written += _save(build(), out / stem)
-            figures[stem] = f"![{SECTIONS[stem][0]}]({stem}.png)\n\n[PDF]({stem}.pdf)"
-        except NoDataError as err:
-            figures[stem] = None if stem in OPTIONAL else f"_Skipped: {err} in the store._"
-            for stale in (out / f"{stem}.png", out / f"{stem}.pdf"):
-                stale.unlink(missing_ok=True)  # an old figure must not outlive the data that explained it
-    table = capacity_table(runs, threshold)
-    table.to_csv(out / "capacity_table.csv", index=False, float_format="%.6g")
-    (out / "report.md").write_text(_report_md(name, runs, table, threshold, store, figures), encoding="utf-8")
-    written += [out / "capacity_table.csv", out / "report.md"]
-    log.info("wrote %d files to %s", len(written), out)
-    return written
-
-
-def write_report(store_path: str | Path, out_dir: str | Path = "plots", experiment: str | None = None,
-                 threshold: float = 1e-3) -> list[Path]:
-    """Write figures (PNG at 300 dpi and PDF), capacity_table.csv and report.md into out_dir/<experiment>/.
-
-    A figure without data is skipped (an old copy removed) and report.md says so, except an optional figure
-    (``OPTIONAL``: normalisation) that does not apply to an experiment, whose section is left out. Same store,
-    same files.
-
-    Args:
-        store_path: The SQLite results store.
-        out_dir: The folder that receives one subfolder per experiment.
-        experiment: Only this experiment; None for every experiment in the store.
-        threshold: The final eval loss at or below which an S counts as solved.
-
-    Returns:
-        The paths written.
-
-    Raises:
-        ValueError: If ``experiment`` is not in the store (the message lists those that are).
-        FileNotFoundError: If the store does not exist.
-    """
-    frames = load_frames(store_path)
-    names = sorted(frames["runs"]["experiment"].dropna().unique())
-    if experiment is not None:
-        if experiment not in names:
-            known = ", ".join(names) or "no runs"
-            raise ValueError(f"unknown experiment {experiment!r}; the store has: {known}")
-        names = [experiment]
-    if not names:
-        log.warning("no runs in %s: nothing to report", store_path)
-    written = []
-    for name in names:
-        written += _write_experiment(name, frames, Path(out_dir) / name, threshold, str(store_path))
-    return written

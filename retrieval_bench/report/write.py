@@ -1,0 +1,150 @@
+"""``write_report``: every figure (PNG and PDF), the capacity table (CSV) and report.md of each experiment in a
+store. Same store, same bytes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib as mpl
+import pandas as pd
+from matplotlib.figure import Figure
+
+from .figures import (
+    bench_figure,
+    capacity_figure,
+    contrast_figure,
+    learning_curves_figure,
+    normalisation_figure,
+    stability_figure,
+    style_rc,
+)
+from .frames import NoDataError, fmt, load_frames, sweep_axis
+from .tables import capacity_table, final_loss_table
+
+log = logging.getLogger(__name__)
+
+SECTIONS = {  # stem: (heading, caption); lines are medians over seeds, bands min-max
+    "capacity": ("Capacity (paper Fig. 2)", "Final eval loss against {axis}; dotted: each memory's d_dot."),
+    "learning_curves": ("Learning curves (paper Fig. 3)", "Eval loss at the smallest {sym} of each task."),
+    "normalisation": ("Normalisation", "Final eval loss against {axis} per key/query normalisation (+attn: with "
+                      "the attention normaliser), one panel per feature map and rule."),
+    "stability": ("Stability", "State norm and normaliser along the sequence (last evaluation), and their "
+                  "largest values over training."),
+    "contrast": ("Retrieved-vs-written contrast", "cos(v̄_t, v_t), v̄_t read at k_t just before writing v_t, "
+                 "and interference, along the sequence (last evaluation)."),
+    "bench": ("Speed", "Milliseconds per training step: fast form (solid), reference loop (dashed)."),
+}
+OPTIONAL = {"normalisation"}  # figures that apply to some experiments only: elsewhere no section, not a skip
+
+
+def _markdown(df: pd.DataFrame) -> list[str]:
+    head = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    return head + ["| " + " | ".join(map(fmt, row)) + " |" for row in df.itertuples(index=False)]
+
+
+def _save(fig: Figure, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    with mpl.rc_context(style_rc()):
+        # no version or date in the files: the same store gives the same bytes
+        fig.savefig(paths[0], dpi=300, bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
+    return paths
+
+
+def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: float, store: str,
+               figures: dict[str, str]) -> str:
+    x, axis, sym = sweep_axis(runs)
+    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().sort_index().items())
+    values = {c: ", ".join(map(fmt, sorted(runs[c].dropna().unique()))) for c in ("task", x, "version")}
+    # an absolute path names the writer's machine: keep only the file name then
+    shown = store if not Path(store).is_absolute() else Path(store).name
+    md = [f"# {name}", "", f"Store `{shown}`: {len(runs)} runs ({counts}); tasks {values['task']}; "
+          f"{sym} = {values[x]}; {runs['seed'].nunique()} seeds; version {values['version'] or '–'}."]
+
+    def section(stem: str) -> list[str]:
+        (heading, caption), body = SECTIONS[stem], figures[stem]
+        if body is None:  # an optional figure that does not apply to this experiment
+            return []
+        caption = caption.format(axis=axis.replace("$", ""), sym=sym)
+        return ["", f"## {heading}", "", body] + ([] if body.startswith("_Skipped") else ["", caption])
+
+    md += section("capacity") + section("learning_curves") + section("normalisation")
+    md += ["", "## Capacity table", "", f"An {sym} is solved when the median final eval loss over seeds is "
+           f"<= {threshold:g} (a diverged seed counts as unsolved); loss_at_largest_S is at the largest "
+           f"{sym} swept. ([CSV](capacity_table.csv))", "", *_markdown(table)]
+    losses = final_loss_table(runs).reset_index()
+    losses.columns = [c if isinstance(c, str) else f"{sym} = {fmt(c)}" for c in losses.columns]
+    md += ["", "## Final eval loss (median over finished seeds)", "", *_markdown(losses)]
+    for stem in ("stability", "contrast", "bench"):
+        md += section(stem)
+    return "\n".join(md) + "\n"
+
+
+def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, threshold: float,
+                      store: str) -> list[Path]:
+    runs = frames["runs"][frames["runs"]["experiment"] == name]
+    curves, diags = (frames[t][frames[t]["run_id"].isin(runs["run_id"])] for t in ("curves", "diagnostics"))
+    bench = frames["bench"]
+    if "experiment" in bench.columns and bench["experiment"].notna().any():  # else it serves every report
+        bench = bench[bench["experiment"] == name]
+    builders = {
+        "capacity": lambda: capacity_figure(runs, threshold),
+        "learning_curves": lambda: learning_curves_figure(runs, curves, threshold=threshold),
+        "normalisation": lambda: normalisation_figure(runs, threshold),
+        "stability": lambda: stability_figure(runs, diags),
+        "contrast": lambda: contrast_figure(runs, diags),
+        "bench": lambda: bench_figure(bench),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    written, figures = [], {}  # figures: stem -> its report.md body, None to leave its section out
+    for stem, build in builders.items():
+        try:
+            written += _save(build(), out / stem)
+            figures[stem] = f"![{SECTIONS[stem][0]}]({stem}.png)\n\n[PDF]({stem}.pdf)"
+        except NoDataError as err:
+            figures[stem] = None if stem in OPTIONAL else f"_Skipped: {err} in the store._"
+            for stale in (out / f"{stem}.png", out / f"{stem}.pdf"):
+                stale.unlink(missing_ok=True)  # an old figure must not outlive the data that explained it
+    table = capacity_table(runs, threshold)
+    table.to_csv(out / "capacity_table.csv", index=False, float_format="%.6g")
+    (out / "report.md").write_text(_report_md(name, runs, table, threshold, store, figures), encoding="utf-8")
+    written += [out / "capacity_table.csv", out / "report.md"]
+    log.info("wrote %d files to %s", len(written), out)
+    return written
+
+
+def write_report(store_path: str | Path, out_dir: str | Path = "plots", experiment: str | None = None,
+                 threshold: float = 1e-3) -> list[Path]:
+    """Write figures (PNG at 300 dpi and PDF), capacity_table.csv and report.md into out_dir/<experiment>/.
+
+    A figure without data is skipped (an old copy removed) and report.md says so, except an optional figure
+    (``OPTIONAL``: normalisation) that does not apply to an experiment, whose section is left out. Same store,
+    same files.
+
+    Args:
+        store_path: The SQLite results store.
+        out_dir: The folder that receives one subfolder per experiment.
+        experiment: Only this experiment; None for every experiment in the store.
+        threshold: The final eval loss at or below which an S counts as solved.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ValueError: If ``experiment`` is not in the store (the message lists those that are).
+        FileNotFoundError: If the store does not exist.
+    """
+    frames = load_frames(store_path)
+    names = sorted(frames["runs"]["experiment"].dropna().unique())
+    if experiment is not None:
+        if experiment not in names:
+            known = ", ".join(names) or "no runs"
+            raise ValueError(f"unknown experiment {experiment!r}; the store has: {known}")
+        names = [experiment]
+    if not names:
+        log.warning("no runs in %s: nothing to report", store_path)
+    written = []
+    for name in names:
+        written += _write_experiment(name, frames, Path(out_dir) / name, threshold, str(store_path))
+    return written
