@@ -1,5 +1,6 @@
-"""The fast forms (memories/chunked.py, the rules' training forms, the feature maps' custom backwards) equal
-their specs: the reference loop of reference.py, the rules' step functions, and the plain feature formulas.
+"""The fast forms (memories/chunked.py and checkpointed.py, the rules' training forms, the feature maps' custom
+backwards) equal their specs: the reference loop of reference.py, the rules' step functions, and the plain feature
+formulas.
 
 Outputs and gradients wrt keys, values, betas and queries agree to 1e-5 relative in float32 and 1e-12 in
 float64 (max-norm relative: max |fast - ref| / max |ref|), at L <= 120. Where a gradient is itself the small
@@ -20,14 +21,12 @@ import torch.nn.functional as F
 
 import retrieval_bench as rb
 from retrieval_bench.feature_maps import DPFP, FavorPlus
-from retrieval_bench.memories import chunked
+from retrieval_bench.memories import checkpointed
+from retrieval_bench.memories.checkpointed import fwm_peak_states, fwm_segments, fwm_state
 from retrieval_bench.memories.chunked import (
     chunk_length,
     delta_chunkwise,
     delta_query_read,
-    fwm_peak_states,
-    fwm_segments,
-    fwm_state,
     mark_one_hot,
     one_hot_ids,
     sum_read,
@@ -270,7 +269,7 @@ def test_fwm_segments_cover_the_sequence_and_bound_the_live_states():
 @pytest.mark.parametrize("levels", [1, 2])
 def test_fwm_state_equals_the_loop_and_allows_a_second_backward(l, dtype, levels, monkeypatch):
     if levels == 2:  # a zero budget makes every state "large": two levels of checkpoints
-        monkeypatch.setattr(chunked, "FWM_STATE_BUDGET", 0)
+        monkeypatch.setattr(checkpointed, "FWM_STATE_BUDGET", 0)
     rule = FWMRule()
     a = torch.tanh(2 * torch.randn(2, l, 6, dtype=dtype)).requires_grad_()
     v = torch.randn(2, l, 5, dtype=dtype, requires_grad=True)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import update_rules
-from .chunked import delta_chunkwise, delta_query_read, fwm_state, score_read, sum_read
+from .checkpointed import fwm_state
+from .chunked import delta_chunkwise, delta_query_read, score_read, sum_read
 from .normalisations import EPS
 
 State = dict[str, torch.Tensor]
@@ -180,7 +181,7 @@ class FWMRule(UpdateRule):
 
     W_1 = β_1 v_1 ⊗ φ_1; then the delta write followed by W ← W / max(1, ‖W‖_F); read LayerNorm(W φ(q))
     without affine parameters (eps 1e-5). The norm clipping admits no parallel form, so training runs the loop
-    (``chunked.fwm_state``, whose backward recomputes states from checkpoints instead of storing them).
+    (``checkpointed.fwm_state``, whose backward recomputes states from checkpoints instead of storing them).
     """
 
     name = "fwm"
@@ -203,7 +204,7 @@ class FWMRule(UpdateRule):
         return F.layer_norm(y, y.shape[-1:], eps=1e-5)
 
     def forward(self, k, v, q, gates, attn):
-        # The loop itself, with a backward that recomputes states from O(√L) checkpoints (chunked.fwm_state).
+        # The loop itself, with a backward that recomputes states from O(√L) checkpoints (checkpointed.fwm_state).
         y = q @ fwm_state(k, v, gates["beta"]).transpose(1, 2)  # (B, Q, V)
         return F.layer_norm(y, y.shape[-1:], eps=1e-5)
 
