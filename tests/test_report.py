@@ -32,6 +32,10 @@ def _run(experiment, task, memory, s, length, d_dot, seed, loss, status="done"):
             "wall_s": 1.0, "config": "{}", "version": "0.1.0", "finished_at": "2024-01-01"}
 
 
+def margin(s: int, seed: int) -> float:
+    return 1 - s / 100 - 0.01 * seed
+
+
 def synthetic_frames() -> dict[str, pd.DataFrame]:
     """A capacity sweep (4 memories x 5 S x 2 seeds, one diverged run) and an overwrite experiment, S = 20."""
     rng = np.random.default_rng(0)
@@ -72,6 +76,8 @@ def synthetic_frames() -> dict[str, pd.DataFrame]:
                     diags.append((r.run_id, step, t, m, value if "cos" not in m else rng.uniform(0, 1)))
             for m in [] if r.memory == "softmax" else ["max_state_norm", "max_normaliser"]:
                 diags.append((r.run_id, step, None, m, step / 100 + rng.uniform()))
+            # the readout margin: -1 before the last evaluation, so that a table reading anything else shows it
+            diags.append((r.run_id, step, None, "margin", margin(r.num_keys, r.seed) if step == last else -1.0))
     speed = {"linear/sum": 1.0, "dpfp-1/sum": 2.0, "softmax": 0.5}  # ms per step per key, fast form
     bench = pd.DataFrame([
         {"memory": m, "num_keys": s, "seq_len": s, "form": form, "threads": 1, "ms_eval": 1.0,
@@ -246,6 +252,18 @@ def test_final_loss_table_is_median_over_finished_seeds():
     assert np.isnan(table.loc["softmax", 40])
 
 
+def test_margin_table_is_the_median_over_seeds_at_the_last_evaluation(frames):
+    runs = frames["runs"][frames["runs"]["experiment"] == "capacity"]
+    table = report.margin_table(runs, frames["diagnostics"])
+    assert list(table.columns) == SIZES and list(table.index) == ["linear/sum", "acme/plugin", "dpfp-1/sum", "softmax"]
+    for s in SIZES:  # the diverged run (dpfp-1/sum, S = 48, seed 1) stopped at step 600: its last evaluation counts
+        assert table.loc["dpfp-1/sum", s] == pytest.approx(np.median([margin(s, seed) for seed in SEEDS]))
+    one = runs[~((runs["memory"] == "softmax") & (runs["num_keys"] == 8))]  # no run there: NaN, still a column
+    assert np.isnan(report.margin_table(one, frames["diagnostics"]).loc["softmax", 8])
+    no_margin = frames["diagnostics"][frames["diagnostics"]["metric"] != "margin"]
+    assert report.margin_table(runs, no_margin).empty
+
+
 def test_length_sweep_plots_against_writes(frames):
     runs = pd.DataFrame([_run("len", "overwrite", "dpfp-1/delta", 20, n, 40, 0, 1e-4) for n in (20, 40, 80)])
     fig = report.capacity_figure(runs)
@@ -304,11 +322,19 @@ def test_write_report_covers_every_experiment_and_is_deterministic(store, tmp_pa
     assert {p.parent.name for p in paths} == {"capacity", "update_rules"}
     md = (out / "capacity" / "report.md").read_text()
     assert "| linear/sum | 16 | 8 | 0.5 |" in md  # the capacity table, in report.md too
+    assert "## Readout margin" in md and "| linear/sum | 0.915 | 0.835 |" in md  # margin(8, ·), margin(16, ·)
     csv = pd.read_csv(out / "capacity" / "capacity_table.csv")
     assert set(csv["memory"]) == set(D_DOT)
     before = [(out / "capacity" / name).read_bytes() for name in ("report.md", "capacity_table.csv")]
     report.write_report(store, out, experiment="capacity")
     assert [(out / "capacity" / name).read_bytes() for name in ("report.md", "capacity_table.csv")] == before
+
+
+def test_write_report_leaves_the_margin_out_without_margin_rows(tmp_path, frames, fake_save):
+    no_margin = {**frames, "diagnostics": frames["diagnostics"][frames["diagnostics"]["metric"] != "margin"]}
+    report.write_report(write_store(tmp_path / "results.db", no_margin), tmp_path / "plots", experiment="capacity")
+    md = (tmp_path / "plots" / "capacity" / "report.md").read_text()
+    assert "## Final eval loss" in md and "margin" not in md.lower()
 
 
 def test_write_report_unknown_experiment_lists_known(store, tmp_path):

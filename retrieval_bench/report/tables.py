@@ -1,5 +1,5 @@
-"""Tables: the capacity per memory (largest S solved, its ratio to d_dot, the first S failed) and the final loss
-per memory and S."""
+"""Tables: the capacity per memory (largest S solved, its ratio to d_dot, the first S failed), and the final loss
+and the readout margin per memory and S."""
 
 from __future__ import annotations
 
@@ -64,8 +64,34 @@ def final_loss_table(runs: pd.DataFrame) -> pd.DataFrame:
     """
     if runs.empty:
         return pd.DataFrame()
+    return _per_memory_and_s(runs[runs["status"] == "done"], "final_loss", runs)
+
+
+def margin_table(runs: pd.DataFrame, diagnostics: pd.DataFrame, metric: str = "margin") -> pd.DataFrame:
+    """Median over seeds of a whole-sequence diagnostic at each run's last evaluation, by default the readout
+    margin ŷ[target] − max_{j≠target} ŷ[j] (1: a clean one-hot read; 0 or less: the target is not on top).
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        diagnostics: The ``diagnostics`` table.
+        metric: A diagnostic recorded once per evaluation (position NULL): margin, target_rank, accuracy, ...
+
+    Returns:
+        Rows memory (task, memory with several tasks), columns S (L in a length sweep); NaN where no run has
+        the metric; an empty frame if none of the runs has it.
+    """
+    rows = diagnostics[(diagnostics["metric"] == metric) & diagnostics["position"].isna()]
+    rows = rows[rows["run_id"].isin(runs["run_id"]) & np.isfinite(rows["value"])]
+    if runs.empty or rows.empty:
+        return pd.DataFrame()
+    last = rows[rows["step"] == rows.groupby("run_id")["step"].transform("max")]
+    return _per_memory_and_s(runs.merge(last[["run_id", "value"]], on="run_id"), "value", runs)
+
+
+def _per_memory_and_s(df: pd.DataFrame, value: str, runs: pd.DataFrame) -> pd.DataFrame:
+    """The median of ``value`` over seeds, rows memory (task and d_key first when they vary), columns the sweep
+    axis; every memory and S of ``runs`` appears, NaN where ``df`` has no row."""
     x, keys = sweep_axis(runs)[0], _keys(runs)
-    table = runs[runs["status"] == "done"].pivot_table(index=keys, columns=x, values="final_loss",
-                                                       aggfunc="median")
+    table = df.pivot_table(index=keys, columns=x, values=value, aggfunc="median")
     index = _sorted(runs[keys].drop_duplicates(), runs, keys).set_index(keys).index
     return table.reindex(index=index, columns=sorted(runs[x].dropna().unique()))

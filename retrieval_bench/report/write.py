@@ -20,7 +20,7 @@ from .figures import (
     style_rc,
 )
 from .frames import NoDataError, fmt, load_frames, sweep_axis
-from .tables import capacity_table, final_loss_table
+from .tables import capacity_table, final_loss_table, margin_table
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _save(fig: Figure, stem: Path) -> list[Path]:
 
 
 def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: float, store: str,
-               figures: dict[str, str]) -> str:
+               figures: dict[str, str], margins: pd.DataFrame) -> str:
     x, axis, sym = sweep_axis(runs)
     counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().sort_index().items())
     values = {c: ", ".join(map(fmt, sorted(runs[c].dropna().unique()))) for c in ("task", x, "version")}
@@ -73,9 +73,15 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
     md += ["", "## Capacity table", "", f"An {sym} is solved when the median final eval loss over seeds is "
            f"<= {threshold:g} (a diverged seed counts as unsolved); loss_at_largest_S is at the largest "
            f"{sym} swept. ([CSV](capacity_table.csv))", "", *_markdown(table)]
-    losses = final_loss_table(runs).reset_index()
-    losses.columns = [c if isinstance(c, str) else f"{sym} = {fmt(c)}" for c in losses.columns]
-    md += ["", "## Final eval loss (median over finished seeds)", "", *_markdown(losses)]
+    def per_s(df: pd.DataFrame) -> list[str]:
+        df = df.reset_index()
+        return _markdown(df.set_axis([c if isinstance(c, str) else f"{sym} = {fmt(c)}" for c in df.columns], axis=1))
+
+    md += ["", "## Final eval loss (median over finished seeds)", "", *per_s(final_loss_table(runs))]
+    if not margins.empty:
+        md += ["", "## Readout margin (median over seeds, last evaluation)", "",
+               "ŷ[target] − max_{j≠target} ŷ[j] on the evaluation set: 1 is a clean one-hot read, 0 or less "
+               "means the target is not read out on top.", "", *per_s(margins)]
     for stem in ("stability", "contrast", "bench"):
         md += section(stem)
     return "\n".join(md) + "\n"
@@ -108,7 +114,8 @@ def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, thr
                 stale.unlink(missing_ok=True)  # an old figure must not outlive the data that explained it
     table = capacity_table(runs, threshold)
     table.to_csv(out / "capacity_table.csv", index=False, float_format="%.6g")
-    (out / "report.md").write_text(_report_md(name, runs, table, threshold, store, figures), encoding="utf-8")
+    md = _report_md(name, runs, table, threshold, store, figures, margin_table(runs, diags))
+    (out / "report.md").write_text(md, encoding="utf-8")
     written += [out / "capacity_table.csv", out / "report.md"]
     log.info("wrote %d files to %s", len(written), out)
     return written
