@@ -252,6 +252,15 @@ def test_final_loss_table_is_median_over_finished_seeds():
     assert np.isnan(table.loc["softmax", 40])
 
 
+def test_solved_table_counts_seeds_under_the_threshold():
+    table = report.solved_table(_hand_runs())
+    assert list(table.columns) == [20, 40, 60] and list(table.index) == ["linear/sum", "dpfp-1/sum", "softmax"]
+    assert list(table.loc["linear/sum"]) == ["2/2", "2/2", "0/2"]  # 1e-3 at S = 40, seed 1: on the threshold
+    assert list(table.loc["dpfp-1/sum"]) == ["2/2", "1/2", "2/2"]  # the diverged seed did not solve
+    assert list(table.loc["softmax"]) == ["2/2", "", "0/2"]  # nothing ran at S = 40
+    assert list(report.solved_table(_hand_runs(), threshold=1e-4).loc["linear/sum"]) == ["2/2", "0/2", "0/2"]
+
+
 def test_margin_table_is_the_median_over_seeds_at_the_last_evaluation(frames):
     runs = frames["runs"][frames["runs"]["experiment"] == "capacity"]
     table = report.margin_table(runs, frames["diagnostics"])
@@ -323,6 +332,7 @@ def test_write_report_covers_every_experiment_and_is_deterministic(store, tmp_pa
     md = (out / "capacity" / "report.md").read_text()
     assert "| linear/sum | 16 | 8 | 0.5 |" in md  # the capacity table, in report.md too
     assert "## Readout margin" in md and "| linear/sum | 0.915 | 0.835 |" in md  # margin(8, ·), margin(16, ·)
+    assert "## Seeds solved" in md and "| dpfp-1/sum | 2/2 | 2/2 | 2/2 | 0/2 | 0/2 |" in md
     csv = pd.read_csv(out / "capacity" / "capacity_table.csv")
     assert set(csv["memory"]) == set(D_DOT)
     before = [(out / "capacity" / name).read_bytes() for name in ("report.md", "capacity_table.csv")]
@@ -330,12 +340,14 @@ def test_write_report_covers_every_experiment_and_is_deterministic(store, tmp_pa
     assert [(out / "capacity" / name).read_bytes() for name in ("report.md", "capacity_table.csv")] == before
 
 
-def test_write_report_leaves_the_margin_out_without_margin_rows(tmp_path, frames, fake_save):
+def test_write_report_leaves_out_margin_and_seeds_where_they_do_not_apply(tmp_path, frames, fake_save):
     no_margin = {**frames, "diagnostics": frames["diagnostics"][frames["diagnostics"]["metric"] != "margin"]}
     report.write_report(write_store(tmp_path / "results.db", no_margin), tmp_path / "plots", experiment="capacity")
     md = (tmp_path / "plots" / "capacity" / "report.md").read_text()
     assert "## Final eval loss" in md and "margin" not in md.lower()
-
+    one_seed = {**no_margin, "runs": frames["runs"][frames["runs"]["seed"] == SEEDS[0]]}
+    report.write_report(write_store(tmp_path / "one.db", one_seed), tmp_path / "one", experiment="capacity")
+    assert "Seeds solved" not in (tmp_path / "one" / "capacity" / "report.md").read_text()  # nothing to count
 
 def test_write_report_unknown_experiment_lists_known(store, tmp_path):
     with pytest.raises(ValueError, match="capacity, update_rules"):

@@ -1,5 +1,5 @@
-"""Tables: the capacity per memory (largest S solved, its ratio to d_dot, the first S failed), and the final loss
-and the readout margin per memory and S."""
+"""Tables: the capacity per memory (largest S solved, its ratio to d_dot, the first S failed), and per memory and
+S the final loss, the seeds solved and the readout margin."""
 
 from __future__ import annotations
 
@@ -88,10 +88,31 @@ def margin_table(runs: pd.DataFrame, diagnostics: pd.DataFrame, metric: str = "m
     return _per_memory_and_s(runs.merge(last[["run_id", "value"]], on="run_id"), "value", runs)
 
 
-def _per_memory_and_s(df: pd.DataFrame, value: str, runs: pd.DataFrame) -> pd.DataFrame:
-    """The median of ``value`` over seeds, rows memory (task and d_key first when they vary), columns the sweep
-    axis; every memory and S of ``runs`` appears, NaN where ``df`` has no row."""
+def solved_table(runs: pd.DataFrame, threshold: float = 1e-3) -> pd.DataFrame:
+    """How many seeds solved each memory and S, of the seeds run: "k/n" ("" where nothing ran).
+
+    A seed solved when its final eval loss is <= ``threshold``; a diverged or failed seed did not.
+
+    Args:
+        runs: The ``runs`` table of one experiment.
+        threshold: The solved loss.
+
+    Returns:
+        Rows memory (task, memory with several tasks), columns S (L in a length sweep), string entries.
+    """
+    if runs.empty:
+        return pd.DataFrame()
+    marked = runs.assign(solved=((runs["status"] == "done") & (runs["final_loss"] <= threshold)).astype(float),
+                         run=1.0)
+    k, n = (_per_memory_and_s(marked, col, runs, "sum") for col in ("solved", "run"))
+    cells = np.where(n.isna(), "", k.fillna(0).astype(int).astype(str) + "/" + n.fillna(0).astype(int).astype(str))
+    return pd.DataFrame(cells, index=n.index, columns=n.columns)
+
+
+def _per_memory_and_s(df: pd.DataFrame, value: str, runs: pd.DataFrame, how: str = "median") -> pd.DataFrame:
+    """``value`` aggregated over seeds (``how``: median, sum, ...), rows memory (task and d_key first when they
+    vary), columns the sweep axis; every memory and S of ``runs`` appears, NaN where ``df`` has no row."""
     x, keys = sweep_axis(runs)[0], _keys(runs)
-    table = df.pivot_table(index=keys, columns=x, values=value, aggfunc="median")
+    table = df.pivot_table(index=keys, columns=x, values=value, aggfunc=how)
     index = _sorted(runs[keys].drop_duplicates(), runs, keys).set_index(keys).index
     return table.reindex(index=index, columns=sorted(runs[x].dropna().unique()))

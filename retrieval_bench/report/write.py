@@ -20,7 +20,7 @@ from .figures import (
     style_rc,
 )
 from .frames import NoDataError, fmt, load_frames, sweep_axis
-from .tables import capacity_table, final_loss_table, margin_table
+from .tables import capacity_table, final_loss_table, margin_table, solved_table
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
         return _markdown(df.set_axis([c if isinstance(c, str) else f"{sym} = {fmt(c)}" for c in df.columns], axis=1))
 
     md += ["", "## Final eval loss (median over finished seeds)", "", *per_s(final_loss_table(runs))]
+    if runs.groupby(["task", "d_key", "memory", x], dropna=False)["seed"].nunique().max() > 1:
+        md += ["", "## Seeds solved", "", f"Seeds whose final eval loss is <= {threshold:g}, of the seeds run (a "
+               "diverged or failed seed counts as unsolved).", "", *per_s(solved_table(runs, threshold))]
     if not margins.empty:
         md += ["", "## Readout margin (median over seeds, last evaluation)", "",
                "ŷ[target] − max_{j≠target} ŷ[j] on the evaluation set: 1 is a clean one-hot read, 0 or less "
