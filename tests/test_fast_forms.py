@@ -32,7 +32,13 @@ from retrieval_bench.memories.chunked import (
     sum_read,
     unit_triangular_inverse,
 )
-from retrieval_bench.memories.normalisations import sum_norm
+from retrieval_bench.memories.normalisations import (
+    EPS,
+    l2_norm,
+    l2_norm_reference,
+    sum_norm,
+    sum_norm_reference,
+)
 from retrieval_bench.memories.reference import reference_loop
 from retrieval_bench.memories.rules import DeltaRule, FWMRule, delta_query_backward
 
@@ -304,6 +310,39 @@ def test_fwm_reference_loop_matches_rule_forward_with_layer_norm_read():
     k, q = mem.features(keys, queries)
     y_ref = reference_loop(mem.rule, k, values, q, {"beta": betas}, False)[0]
     assert_rel(y, y_ref, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- key norms
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm, reference, signed", [(sum_norm, sum_norm_reference, False),
+                                                     (l2_norm, l2_norm_reference, False),
+                                                     (l2_norm, l2_norm_reference, True)],
+                         ids=["sum", "l2", "l2-signed"])
+def test_key_normalisation_equals_its_formula(norm, reference, signed, dtype):
+    """Outputs and gradients, with the rows the eps guards: an all-zero φ (DPFP, PAPER §1.6) and, for l2, a row
+    whose norm is below eps (the clamp holds the divisor constant there)."""
+    g = torch.Generator().manual_seed(7)
+    phi = torch.rand(3, 9, 11, generator=g, dtype=dtype) + 0.01
+    phi = phi * torch.randn(3, 9, 11, generator=g, dtype=dtype).sign() if signed else phi
+    phi[0, 2] = 0.0
+    phi[1, 4] *= 1e-9  # ‖φ‖ ≈ 1e-8 < eps
+    phi.requires_grad_()
+    cot = torch.randn(3, 9, 11, generator=g, dtype=dtype)
+    y, y_ref = norm(phi), reference(phi)
+    assert_rel(y, y_ref, RTOL[dtype], "output")
+    (d_phi,), (d_ref,) = grads(y, [phi], cot), grads(y_ref, [phi], cot)
+    assert_rel(d_phi, d_ref, RTOL[dtype], "∂φ")
+    assert (y[0, 2] == 0).all() and (d_phi[0, 2] != 0).all()  # a zero row reads g / eps: guarded, not lost
+
+
+@pytest.mark.parametrize("norm", [sum_norm, l2_norm], ids=["sum", "l2"])
+def test_key_normalisation_gradcheck_and_no_silent_second_derivative(norm):
+    phi = (torch.rand(2, 3, 5, dtype=torch.float64) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(norm, (phi,))
+    (g,) = torch.autograd.grad(norm(phi).pow(2).sum(), phi, create_graph=True)
+    with pytest.raises(RuntimeError):  # the hand-written backward is once differentiable: it says so
+        g.sum().backward()
+    assert EPS == 1e-6  # the paper's eps (official code), which the formulas above share
 
 
 # ---------------------------------------------------------------------------------------------------- φ
