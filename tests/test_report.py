@@ -261,12 +261,18 @@ def test_solved_table_counts_seeds_under_the_threshold():
     assert list(report.solved_table(_hand_runs(), threshold=1e-4).loc["linear/sum"]) == ["2/2", "0/2", "0/2"]
 
 
-def test_margin_table_is_the_median_over_seeds_at_the_last_evaluation(frames):
+def test_margin_table_is_the_median_over_finished_seeds_at_the_last_evaluation(frames):
     runs = frames["runs"][frames["runs"]["experiment"] == "capacity"]
     table = report.margin_table(runs, frames["diagnostics"])
     assert list(table.columns) == SIZES and list(table.index) == ["linear/sum", "acme/plugin", "dpfp-1/sum", "softmax"]
-    for s in SIZES:  # the diverged run (dpfp-1/sum, S = 48, seed 1) stopped at step 600: its last evaluation counts
+    for s in SIZES[:-1]:
         assert table.loc["dpfp-1/sum", s] == pytest.approx(np.median([margin(s, seed) for seed in SEEDS]))
+    assert table.loc["dpfp-1/sum", 48] == pytest.approx(margin(48, 0))  # seed 1 diverged there: left out
+    # a NaN at a run's last evaluation stays NaN: the run's earlier, healthy evaluation does not stand in for it
+    diags = frames["diagnostics"].copy()
+    first = runs[(runs["memory"] == "linear/sum") & (runs["num_keys"] == 8) & (runs["seed"] == 0)]["run_id"]
+    diags.loc[diags["run_id"].isin(first) & (diags["metric"] == "margin") & (diags["step"] == 1000), "value"] = np.nan
+    assert report.margin_table(runs, diags).loc["linear/sum", 8] == pytest.approx(margin(8, 1))
     one = runs[~((runs["memory"] == "softmax") & (runs["num_keys"] == 8))]  # no run there: NaN, still a column
     assert np.isnan(report.margin_table(one, frames["diagnostics"]).loc["softmax", 8])
     no_margin = frames["diagnostics"][frames["diagnostics"]["metric"] != "margin"]
@@ -348,6 +354,7 @@ def test_write_report_leaves_out_margin_and_seeds_where_they_do_not_apply(tmp_pa
     one_seed = {**no_margin, "runs": frames["runs"][frames["runs"]["seed"] == SEEDS[0]]}
     report.write_report(write_store(tmp_path / "one.db", one_seed), tmp_path / "one", experiment="capacity")
     assert "Seeds solved" not in (tmp_path / "one" / "capacity" / "report.md").read_text()  # nothing to count
+
 
 def test_write_report_unknown_experiment_lists_known(store, tmp_path):
     with pytest.raises(ValueError, match="capacity, update_rules"):

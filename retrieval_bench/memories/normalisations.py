@@ -34,6 +34,10 @@ class _Rescale(torch.autograd.Function):
 
     Backward, with g = ∂ℓ/∂y and r = 1/d: sum, ∂ℓ/∂φ = (g − g·y) r; l2, ∂ℓ/∂φ = (g − y (g·y)) r where ‖φ‖ > eps
     and g r where the clamp holds d constant. Two passes over φ and one dot product per row.
+
+    Unlike the plain formula it saves its output (an in-place edit of the normalised φ raises in backward), and
+    it has no second derivative, forward-mode rule or ``torch.func`` support: nothing here uses them, and each
+    raises rather than giving a wrong number.
     """
 
     @staticmethod
@@ -46,7 +50,7 @@ class _Rescale(torch.autograd.Function):
         r = den.reciprocal()
         y = phi * r
         ctx.l2 = l2
-        ctx.save_for_backward(y, r, (norm > EPS).to(phi.dtype) if l2 else None)
+        ctx.save_for_backward(y, r, (norm >= EPS).to(phi.dtype) if l2 else None)  # clamp_min's gradient at a tie
         return y
 
     @staticmethod

@@ -11,14 +11,14 @@ Modules: ``frames`` (the store as DataFrames, and what the others share), ``figu
 
 from .colors import memory_color
 from .figures import (
-                      DOUBLE,
-                      SINGLE,
-                      bench_figure,
-                      capacity_figure,
-                      contrast_figure,
-                      learning_curves_figure,
-                      normalisation_figure,
-                      stability_figure,
+    DOUBLE,
+    SINGLE,
+    bench_figure,
+    capacity_figure,
+    contrast_figure,
+    learning_curves_figure,
+    normalisation_figure,
+    stability_figure,
 )
 from .frames import LOG_FLOOR, RULE_DEFAULTS, SCHEMA, NoDataError, load_frames
 from .tables import capacity_table, final_loss_table, margin_table, solved_table

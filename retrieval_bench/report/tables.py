@@ -68,7 +68,7 @@ def final_loss_table(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def margin_table(runs: pd.DataFrame, diagnostics: pd.DataFrame, metric: str = "margin") -> pd.DataFrame:
-    """Median over seeds of a whole-sequence diagnostic at each run's last evaluation, by default the readout
+    """Median over finished seeds of a whole-sequence diagnostic at each run's last evaluation, by default the readout
     margin ŷ[target] − max_{j≠target} ŷ[j] (1: a clean one-hot read; 0 or less: the target is not on top).
 
     Args:
@@ -80,12 +80,13 @@ def margin_table(runs: pd.DataFrame, diagnostics: pd.DataFrame, metric: str = "m
         Rows memory (task, memory with several tasks), columns S (L in a length sweep); NaN where no run has
         the metric; an empty frame if none of the runs has it.
     """
+    done = runs[runs["status"] == "done"]  # a diverged run's last evaluation is not finite: it has no margin
     rows = diagnostics[(diagnostics["metric"] == metric) & diagnostics["position"].isna()]
-    rows = rows[rows["run_id"].isin(runs["run_id"]) & np.isfinite(rows["value"])]
+    rows = rows[rows["run_id"].isin(done["run_id"])]
     if runs.empty or rows.empty:
         return pd.DataFrame()
     last = rows[rows["step"] == rows.groupby("run_id")["step"].transform("max")]
-    return _per_memory_and_s(runs.merge(last[["run_id", "value"]], on="run_id"), "value", runs)
+    return _per_memory_and_s(done.merge(last[["run_id", "value"]], on="run_id"), "value", runs)
 
 
 def solved_table(runs: pd.DataFrame, threshold: float = 1e-3) -> pd.DataFrame:

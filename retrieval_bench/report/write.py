@@ -73,16 +73,17 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
     md += ["", "## Capacity table", "", f"An {sym} is solved when the median final eval loss over seeds is "
            f"<= {threshold:g} (a diverged seed counts as unsolved); loss_at_largest_S is at the largest "
            f"{sym} swept. ([CSV](capacity_table.csv))", "", *_markdown(table)]
+
     def per_s(df: pd.DataFrame) -> list[str]:
         df = df.reset_index()
         return _markdown(df.set_axis([c if isinstance(c, str) else f"{sym} = {fmt(c)}" for c in df.columns], axis=1))
 
     md += ["", "## Final eval loss (median over finished seeds)", "", *per_s(final_loss_table(runs))]
-    if runs.groupby(["task", "d_key", "memory", x], dropna=False)["seed"].nunique().max() > 1:
+    if runs.groupby(["task", "d_key", "memory", x], dropna=False).size().max() > 1:  # as solved_table counts
         md += ["", "## Seeds solved", "", f"Seeds whose final eval loss is <= {threshold:g}, of the seeds run (a "
                "diverged or failed seed counts as unsolved).", "", *per_s(solved_table(runs, threshold))]
     if not margins.empty:
-        md += ["", "## Readout margin (median over seeds, last evaluation)", "",
+        md += ["", "## Readout margin (median over finished seeds, last evaluation)", "",
                "ŷ[target] − max_{j≠target} ŷ[j] on the evaluation set: 1 is a clean one-hot read, 0 or less "
                "means the target is not read out on top.", "", *per_s(margins)]
     for stem in ("stability", "contrast", "bench"):
