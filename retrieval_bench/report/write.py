@@ -53,7 +53,7 @@ def _save(fig: Figure, stem: Path) -> list[Path]:
 
 
 def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: float, store: str,
-               figures: dict[str, str], margins: pd.DataFrame) -> str:
+               figures: dict[str, str], diagnostics: pd.DataFrame) -> str:
     x, axis, sym = sweep_axis(runs)
     counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().sort_index().items())
     values = {c: ", ".join(map(fmt, sorted(runs[c].dropna().unique()))) for c in ("task", x, "version")}
@@ -82,6 +82,7 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
     if runs.groupby(["task", "d_key", "memory", x], dropna=False).size().max() > 1:  # as solved_table counts
         md += ["", "## Seeds solved", "", f"Seeds whose final eval loss is <= {threshold:g}, of the seeds run (a "
                "diverged or failed seed counts as unsolved).", "", *per_s(solved_table(runs, threshold))]
+    margins = margin_table(runs, diagnostics)
     if not margins.empty:
         md += ["", "## Readout margin (median over finished seeds, last evaluation)", "",
                "ŷ[target] − max_{j≠target} ŷ[j] on the evaluation set: 1 is a clean one-hot read, 0 or less "
@@ -118,8 +119,7 @@ def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, thr
                 stale.unlink(missing_ok=True)  # an old figure must not outlive the data that explained it
     table = capacity_table(runs, threshold)
     table.to_csv(out / "capacity_table.csv", index=False, float_format="%.6g")
-    md = _report_md(name, runs, table, threshold, store, figures, margin_table(runs, diags))
-    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "report.md").write_text(_report_md(name, runs, table, threshold, store, figures, diags), encoding="utf-8")
     written += [out / "capacity_table.csv", out / "report.md"]
     log.info("wrote %d files to %s", len(written), out)
     return written
