@@ -22,13 +22,25 @@ log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
 
 
-def setup_worker(threads: int) -> None:
+_progress_queue = None  # in a pool worker: the queue its runs report progress on (set by ``setup_worker``)
+
+
+def setup_worker(threads: int, progress_queue=None) -> None:
     """Per-worker settings: cap torch's threads so workers do not oversubscribe the cores, and exit when the
-    driver is gone (a SIGKILLed driver cannot tell its pool to stop, and an orphan would hold a core)."""
+    driver is gone (a SIGKILLed driver cannot tell its pool to stop, and an orphan would hold a core).
+
+    ``progress_queue`` is a ``multiprocessing`` queue the worker inherits at its start, so no helper process
+    (a ``Manager``) has to serve it: such a helper would outlive a SIGKILLed driver. The worker never waits
+    on it at exit (``cancel_join_thread``): progress is best effort, a finished run travels with its future.
+    """
     import threading
 
     import torch
 
+    global _progress_queue
+    if progress_queue is not None:
+        progress_queue.cancel_join_thread()
+    _progress_queue = progress_queue
     torch.set_num_threads(max(1, threads))
     parent = os.getppid()
 
@@ -61,6 +73,10 @@ def execute(cfg_dict: dict[str, Any], progress_queue=None) -> dict[str, Any]:
         return train_run(cfg, progress=progress)
     except Exception:  # a run's error must not end the sweep; it is stored with its traceback
         return failed_result(cfg, traceback.format_exc(), time.perf_counter() - t0)
+
+
+def _execute_in_worker(job: Callable[..., dict[str, Any]], cfg_dict: dict[str, Any]) -> dict[str, Any]:
+    return job(cfg_dict, _progress_queue)
 
 
 class Executor:
@@ -119,64 +135,83 @@ def _rid(cfg: dict[str, Any]) -> str:
 
 
 class LocalExecutor(Executor):
-    """A pool of worker processes, each single-threaded by default (more throughput than threads here)."""
+    """A pool of worker processes, each single-threaded by default (more throughput than threads here).
+
+    A worker that dies (killed, out of memory) breaks the whole pool and every run in flight with it, and the
+    pool cannot say whose worker it was. So the runs in flight then are rerun one at a time on a fresh pool:
+    a run that breaks its pool alone is the cause, and is retried ``max_retries`` times before it is stored
+    ``failed``; the others finish and the pool widens again. ``job`` is the job function (``execute``; tests
+    inject others, which must be importable by the workers).
+    """
 
     name = "local"
 
-    def __init__(self, workers: int, threads_per_worker: int = 1, max_retries: int = 1):
-        self.workers, self.threads, self.max_retries = workers, threads_per_worker, max_retries
+    def __init__(self, workers: int, threads_per_worker: int = 1, max_retries: int = 1,
+                 job: Callable[..., dict[str, Any]] = execute):
+        self.workers, self.threads, self.max_retries, self.job = workers, threads_per_worker, max_retries, job
         # spawn, not fork: a forked child inherits the parent's torch thread pools, which can deadlock.
         self._ctx = mp.get_context("spawn")
-        self._manager = None
 
-    def _pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=setup_worker,
-                                   initargs=(self.threads,))
+    def _pool(self):
+        """A fresh pool with a fresh progress queue: a worker killed while writing may leave a queue's lock
+        held, so a restarted pool never shares its predecessor's queue."""
+        pq = self._ctx.Queue()
+        pool = ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=setup_worker,
+                                   initargs=(self.threads, pq))
+        return pool, pq
 
     def run(self, configs, on_start=None, on_progress=None):
-        self._manager = self._ctx.Manager()
-        pq = self._manager.Queue()
         todo = list(configs)
+        isolate: list[dict[str, Any]] = []  # runs in flight when a pool broke: rerun one at a time
         retries: dict[str, int] = {}
-        pool = self._pool()
+        pool, pq = self._pool()
         pending: dict[Future, dict[str, Any]] = {}
         try:
-            while todo or pending:
-                while todo and len(pending) < self.workers:
-                    cfg = todo.pop(0)
-                    pending[pool.submit(execute, cfg, pq)] = cfg
+            while todo or isolate or pending:
+                while (isolate and not pending) or (todo and not isolate and len(pending) < self.workers):
+                    cfg = (isolate or todo).pop(0)
+                    pending[pool.submit(_execute_in_worker, self.job, cfg)] = cfg
                     if on_start:
                         on_start({"run_id": _rid(cfg)})
                 done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
                 _drain(pq, on_progress)
-                broken = False
+                lost = []
                 for fut in done:
                     cfg = pending.pop(fut)
                     try:
-                        yield fut.result()
+                        result = fut.result()
                     except BrokenProcessPool:
-                        broken = True
-                        rid = _rid(cfg)
-                        retries[rid] = retries.get(rid, 0) + 1
-                        if retries[rid] > self.max_retries:
-                            from .config import RunConfig
-                            from .train import failed_result
+                        lost.append(cfg)
+                        continue
+                    yield result
+                if not lost:
+                    continue
+                # a dead worker poisons the whole pool: every run still in flight is lost with it
+                lost += pending.values()
+                pending.clear()
+                log.warning("a worker process died; restarting the pool")
+                pool.shutdown(wait=False, cancel_futures=True)
+                _terminate(pool)
+                pq.close()
+                pool, pq = self._pool()
+                if len(lost) > 1:  # any of them may be the cause
+                    isolate[:0] = lost
+                    continue
+                cfg = lost[0]  # it broke the pool alone
+                rid = _rid(cfg)
+                retries[rid] = retries.get(rid, 0) + 1
+                if retries[rid] <= self.max_retries:
+                    isolate.insert(0, cfg)
+                else:
+                    from .config import RunConfig
+                    from .train import failed_result
 
-                            yield failed_result(RunConfig.from_dict(cfg), "worker process died (killed or OOM)")
-                        else:
-                            todo.insert(0, cfg)
-                if broken:  # a dead worker poisons the whole pool: start a new one for the rest
-                    log.warning("a worker process died; restarting the pool")
-                    for cfg in pending.values():
-                        todo.insert(0, cfg)
-                    pending.clear()
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    pool = self._pool()
+                    yield failed_result(RunConfig.from_dict(cfg), "worker process died (killed or OOM)")
             _drain(pq, on_progress)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             _terminate(pool)
-            self._manager.shutdown()
+            pq.close()
 
 
 def _drain(pq, on_progress) -> None:

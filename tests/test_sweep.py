@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from retrieval_bench.config import from_dict
 from retrieval_bench.executors import InlineExecutor, LocalExecutor
 from retrieval_bench.store import Store
@@ -60,6 +62,52 @@ def test_process_pool_gives_the_same_numbers_as_inline(tmp_path):
     assert fa.index.equals(fb.index) and (fa == fb).all()
 
 
+def test_pool_workers_report_progress_for_every_run(tmp_path):
+    exp = experiment(steps=20)
+    runs = exp.expand()
+    started, progress = [], []
+    results = list(LocalExecutor(workers=2).run([r.to_dict() for r in runs], started.append, progress.append))
+    ids = {r.run_id for r in runs}
+    assert {res["row"]["run_id"] for res in results} == ids
+    assert {e["run_id"] for e in started} == ids
+    # each run's evaluations (every 10 steps) reach the driver from the worker that trained it
+    assert {(e["run_id"], e["step"]) for e in progress} == {(i, s) for i in ids for s in (10, 20)}
+
+
+def _dying_job(cfg, progress_queue=None):
+    """A job that kills its worker: once for the run named by RB_TEST_DIE_ONCE, every time for RB_TEST_DIE_ALWAYS.
+    Module-level, so that the pool's workers can import it; the workers inherit the environment."""
+    from retrieval_bench.executors import _rid, execute
+
+    rid = _rid(cfg)
+    if rid == os.environ["RB_TEST_DIE_ALWAYS"]:
+        os._exit(1)
+    if rid == os.environ["RB_TEST_DIE_ONCE"]:
+        marker = Path(os.environ["RB_TEST_MARKERS"]) / f"{rid}.died"
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return execute(cfg, progress_queue)
+
+
+def test_dead_worker_fails_only_its_own_run(tmp_path, monkeypatch):
+    exp = experiment(steps=20)
+    ids = [r.run_id for r in exp.expand()]
+    once, always = ids[0], ids[1]  # in flight together with other runs when they kill their worker
+    monkeypatch.setenv("RB_TEST_DIE_ONCE", once)
+    monkeypatch.setenv("RB_TEST_DIE_ALWAYS", always)
+    monkeypatch.setenv("RB_TEST_MARKERS", str(tmp_path))
+    st = Store(tmp_path / "r.db")
+    state = run_sweep(exp, st, LocalExecutor(workers=2, max_retries=1, job=_dying_job), live=False)
+    runs = st.load("runs").set_index("run_id")
+    assert sorted(runs.index) == sorted(ids)  # every run has its row, none lost
+    assert (tmp_path / f"{once}.died").exists()
+    assert runs.loc[always, "status"] == "failed" and "worker process died" in runs.loc[always, "error"]
+    # the runs that shared a pool with the dying ones, and the one that died once, finish
+    assert (runs.drop(index=[always])["status"] == "done").all()
+    assert (state.done, state.failed) == (7, 1)
+
+
 def _count(db: Path) -> int:
     if not db.exists():
         return 0
@@ -95,3 +143,68 @@ def test_killed_driver_loses_no_finished_run_and_completes_without_duplicates(tm
     assert len(runs) == 8 and runs["run_id"].is_unique and (runs["status"] == "done").all()
     after = runs.set_index("run_id")["final_loss"]
     assert (after[before.index] == before).all()  # finished runs were kept, not redone
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group: orphans are reparented to a pid 1 that, in a
+    container, may never reap them, so a finished process can linger as a zombie and must not count."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(entry.name))
+    return alive
+
+
+def _start_pool_sweep(tmp_path, steps: int, stderr=subprocess.PIPE):
+    """A two-worker sweep in a process group of its own, as a terminal runs it."""
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY.format(steps=steps))
+    db = tmp_path / "r.db"
+    cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(db), "--workers", "2",
+           "--no-report"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    return proc, db, cmd, env
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+
+
+@needs_proc
+def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tmp_path):
+    proc, db, cmd, env = _start_pool_sweep(tmp_path, steps=400)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver and its workers alike
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: every finished run is stored" in err
+    assert "Traceback" not in err
+    kept = _count(db)
+    assert 2 <= kept < 8, "the interrupt should land mid-sweep"
+    deadline = time.time() + 20
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "a worker or helper process outlived the interrupted sweep"
+
+
+@needs_proc
+def test_killed_pool_driver_leaves_no_process_behind(tmp_path):
+    # stderr to a file, not a pipe: a surviving child would hold a pipe open and hang the read
+    with open(tmp_path / "err.txt", "w") as err:
+        proc, db, cmd, env = _start_pool_sweep(tmp_path, steps=400, stderr=err)
+    proc.kill()  # SIGKILL: the driver cannot tell anything to stop
+    proc.wait(timeout=60)
+    deadline = time.time() + 20  # workers notice their parent is gone within a few seconds
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "a worker or helper process outlived its SIGKILLed driver"
