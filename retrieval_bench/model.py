@@ -45,6 +45,12 @@ class RetrievalModel(nn.Module):
         self.W_q = nn.Linear(E, d_key)
         self.gate_names = tuple(self.memory.gates)
         self.W_g = nn.ModuleDict({g: nn.Linear(V + E, 1) for g in self.gate_names})
+        unknown = sorted(set(self.memory.gate_bias) - set(self.gate_names))
+        if unknown:
+            raise ValueError(f"gate_bias names {unknown}, which are not gates of the memory "
+                             f"(its gates: {list(self.gate_names)})")
+        for g, b in self.memory.gate_bias.items():  # after the default init, so no random draw moves
+            nn.init.constant_(self.W_g[g].bias, float(b))
         if self.memory.projection_init == "xavier":
             nn.init.xavier_uniform_(self.W_k.weight)
             nn.init.xavier_uniform_(self.W_q.weight)

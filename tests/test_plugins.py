@@ -198,3 +198,33 @@ def test_installed_distribution_is_found_through_importlib_metadata(tmp_path, mo
     assert reg.get("fake-installed").__name__ == "Fake"
     with pytest.raises(RegistryError, match="rb-fake-installed"):
         reg.get("broken-installed")
+
+
+def test_rule_sets_the_initial_bias_of_its_gates(plugins):
+    from tests.fake_plugin import Fake
+
+    class SlowDecay(Fake):
+        gate_bias = {"alpha": 3.0}
+
+    torch.manual_seed(0)
+    ref = rb.RetrievalModel(4, rb.FastWeightMemory(rb.feature_map("linear"), Fake()), d_key=4)
+    torch.manual_seed(0)
+    model = rb.RetrievalModel(4, rb.FastWeightMemory(rb.feature_map("linear"), SlowDecay()), d_key=4)
+    assert model.W_g["alpha"].bias.item() == 3.0
+    # only that bias moves: every other parameter, β's projection included, is drawn as without gate_bias
+    for (name, p), (_, p_ref) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        if name != "W_g.alpha.bias":
+            assert torch.equal(p, p_ref), name
+    batch = rb.task("capacity", num_keys=4).sample(2, torch.Generator().manual_seed(0))
+    _, _, betas, _, gates = model.inputs(batch.keys, batch.values, batch.query[:, None])
+    assert gates["alpha"].min() > 0.8 and betas.max() < 0.8  # α starts slow; β as before, near ½
+
+
+def test_gate_bias_for_a_gate_the_memory_lacks_is_a_clear_error(plugins):
+    from tests.fake_plugin import Fake
+
+    class Typo(Fake):
+        gate_bias = {"alhpa": 3.0}
+
+    with pytest.raises(ValueError, match=r"gate_bias names \['alhpa'\].*its gates: \['beta', 'alpha'\]"):
+        rb.RetrievalModel(4, rb.FastWeightMemory(rb.feature_map("linear"), Typo()), d_key=4)

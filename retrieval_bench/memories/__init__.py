@@ -14,7 +14,9 @@ Without NORM each rule keeps the paper's meaning: ``sum`` is attention-normalise
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -32,6 +34,9 @@ class Memory(nn.Module):
 
     #: names of the per-step gates in (0, 1) the model must pass (``betas`` is the gate named "beta").
     gates: tuple[str, ...] = ()
+    #: initial bias of some gates' projections ({"alpha": 3.0}: that gate starts near σ(3)); others keep
+    #: PyTorch's default init, around σ(0) = ½.
+    gate_bias: Mapping[str, float] = MappingProxyType({})
     #: how the model initialises its key/query projections: "paper" (U(±1/√K)) or "xavier".
     projection_init = "paper"
 
@@ -111,6 +116,7 @@ class FastWeightMemory(Memory):
         self.attn = attn
         self.spec = spec
         self.gates = rule.gates
+        self.gate_bias = rule.gate_bias
         # the sum rule reads only φ(k_t)·φ(q): a map with a cheaper kernel (FAVOR+) may give those directly
         # (each where the class that defines forward also defines the shortcut: a plugin subclass that changes
         # forward alone is not bypassed)

@@ -10,6 +10,9 @@ The query is read once, after the last write (PAPER §2.2), so a training form n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +30,8 @@ class UpdateRule:
     Class attributes:
         gates: per-step scalar inputs in (0, 1) that the model must provide, e.g. ``("beta",)``. The model
             makes one sigmoid gate per name, so a rule needing a decay declares ``("beta", "alpha")``.
+        gate_bias: initial bias of some gates' projections, ``{"alpha": 3.0}``: the gate starts near σ(3) =
+            0.95 instead of σ(0) = ½ (a decay that should start slow). Gates not named keep PyTorch's init.
         default_norm: the key/query normalisation used when a memory name gives none.
         default_attn: whether the attention normaliser is on when a memory name gives no normalisation.
         supports_attn: whether the rule has an attention-normalised form.
@@ -34,6 +39,7 @@ class UpdateRule:
 
     name = ""
     gates: tuple[str, ...] = ("beta",)
+    gate_bias: Mapping[str, float] = MappingProxyType({})
     default_norm = "none"
     default_attn = False
     supports_attn = True
