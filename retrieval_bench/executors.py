@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import queue as queue_mod
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -22,27 +21,18 @@ log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
 
 
-_progress_queue = None  # in a pool worker: the queue its runs report progress on (set by ``setup_worker``)
-
-
-def setup_worker(threads: int, progress_queue=None) -> None:
+def setup_worker(threads: int, driver_pid: int | None = None) -> None:
     """Per-worker settings: cap torch's threads so workers do not oversubscribe the cores, and exit when the
     driver is gone (a SIGKILLed driver cannot tell its pool to stop, and an orphan would hold a core).
 
-    ``progress_queue`` is a ``multiprocessing`` queue the worker inherits at its start, so no helper process
-    (a ``Manager``) has to serve it: such a helper would outlive a SIGKILLed driver. The worker never waits
-    on it at exit (``cancel_join_thread``): progress is best effort, a finished run travels with its future.
+    ``driver_pid`` is the process the worker serves (default: its parent now). Given by the driver, it also
+    catches a driver that died while this worker was still starting, when the parent is already init.
     """
     import threading
 
-    import torch
-
-    global _progress_queue
-    if progress_queue is not None:
-        progress_queue.cancel_join_thread()
-    _progress_queue = progress_queue
-    torch.set_num_threads(max(1, threads))
-    parent = os.getppid()
+    parent = os.getppid() if driver_pid is None else driver_pid
+    if os.getppid() != parent:
+        os._exit(1)
 
     def watch_parent():
         while True:
@@ -51,11 +41,33 @@ def setup_worker(threads: int, progress_queue=None) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch_parent, daemon=True, name="watch-driver").start()
+    import torch
+
+    torch.set_num_threads(max(1, threads))
     try:
         from .bench import tune_malloc
     except ImportError:  # the bench module is optional here
         return
     tune_malloc()
+
+
+_progress_queue = None  # in a pool worker: where its runs report progress (set by ``_setup_pool_worker``)
+
+
+def _setup_pool_worker(threads: int, driver_pid: int, progress_queue) -> None:
+    """A local pool's worker: ``setup_worker``, SIGINT ignored (Ctrl-C in a terminal reaches the whole process
+    group; the driver alone decides, and stops its workers), and the progress queue it inherits at its start.
+
+    The queue is a ``SimpleQueue``, passed at the worker's start rather than served by a ``Manager`` process
+    (which would outlive a SIGKILLed driver). Its ``put`` writes to the pipe before returning, so a run's
+    last event is readable before its result reaches the driver.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _progress_queue
+    _progress_queue = progress_queue
+    setup_worker(threads, driver_pid)
 
 
 def execute(cfg_dict: dict[str, Any], progress_queue=None) -> dict[str, Any]:
@@ -75,7 +87,7 @@ def execute(cfg_dict: dict[str, Any], progress_queue=None) -> dict[str, Any]:
         return failed_result(cfg, traceback.format_exc(), time.perf_counter() - t0)
 
 
-def _execute_in_worker(job: Callable[..., dict[str, Any]], cfg_dict: dict[str, Any]) -> dict[str, Any]:
+def _execute_in_pool(job: Callable[..., dict[str, Any]], cfg_dict: dict[str, Any]) -> dict[str, Any]:
     return job(cfg_dict, _progress_queue)
 
 
@@ -151,13 +163,15 @@ class LocalExecutor(Executor):
         self.workers, self.threads, self.max_retries, self.job = workers, threads_per_worker, max_retries, job
         # spawn, not fork: a forked child inherits the parent's torch thread pools, which can deadlock.
         self._ctx = mp.get_context("spawn")
+        self._current = None  # the pool in use and its queue
 
     def _pool(self):
         """A fresh pool with a fresh progress queue: a worker killed while writing may leave a queue's lock
         held, so a restarted pool never shares its predecessor's queue."""
-        pq = self._ctx.Queue()
-        pool = ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=setup_worker,
-                                   initargs=(self.threads, pq))
+        pq = self._ctx.SimpleQueue()
+        pool = ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=_setup_pool_worker,
+                                   initargs=(self.threads, os.getpid(), pq))
+        self._current = (pool, pq)
         return pool, pq
 
     def run(self, configs, on_start=None, on_progress=None):
@@ -166,35 +180,45 @@ class LocalExecutor(Executor):
         retries: dict[str, int] = {}
         pool, pq = self._pool()
         pending: dict[Future, dict[str, Any]] = {}
+        alone = False  # whether the one run in flight is an isolated one
         try:
             while todo or isolate or pending:
-                while (isolate and not pending) or (todo and not isolate and len(pending) < self.workers):
-                    cfg = (isolate or todo).pop(0)
-                    pending[pool.submit(_execute_in_worker, self.job, cfg)] = cfg
+                if not pending:
+                    alone = bool(isolate)
+                source, limit = (isolate, 1) if alone else (todo, self.workers)
+                broken = False
+                while source and len(pending) < limit:
+                    cfg = source.pop(0)
+                    try:
+                        fut = pool.submit(_execute_in_pool, self.job, cfg)
+                    except BrokenProcessPool:  # a worker died between polls: cfg never ran
+                        source.insert(0, cfg)
+                        broken = True
+                        break
+                    pending[fut] = cfg
                     if on_start:
                         on_start({"run_id": _rid(cfg)})
-                done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-                _drain(pq, on_progress)
-                lost = []
-                for fut in done:
-                    cfg = pending.pop(fut)
-                    try:
-                        result = fut.result()
-                    except BrokenProcessPool:
-                        lost.append(cfg)
+                lost: list[dict[str, Any]] = []
+                if not broken:
+                    done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+                    _drain(pq, on_progress)
+                    for fut in done:
+                        cfg = pending.pop(fut)
+                        try:
+                            result = fut.result()
+                        except BrokenProcessPool:
+                            lost.append(cfg)
+                            continue
+                        yield result
+                    if not lost:
                         continue
-                    yield result
-                if not lost:
-                    continue
                 # a dead worker poisons the whole pool: every run still in flight is lost with it
                 lost += pending.values()
                 pending.clear()
                 log.warning("a worker process died; restarting the pool")
-                pool.shutdown(wait=False, cancel_futures=True)
-                _terminate(pool)
-                pq.close()
+                _stop(pool, pq)
                 pool, pq = self._pool()
-                if len(lost) > 1:  # any of them may be the cause
+                if not (alone and len(lost) == 1):  # any of them may be the cause: rerun each alone
                     isolate[:0] = lost
                     continue
                 cfg = lost[0]  # it broke the pool alone
@@ -209,26 +233,34 @@ class LocalExecutor(Executor):
                     yield failed_result(RunConfig.from_dict(cfg), "worker process died (killed or OOM)")
             _drain(pq, on_progress)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-            _terminate(pool)
-            pq.close()
+            _stop(pool, pq)
+            self._current = None
+
+    def close(self) -> None:
+        """Stop the workers of a sweep that did not finish (Ctrl-C while the driver was elsewhere)."""
+        current, self._current = self._current, None
+        if current is not None:
+            _stop(*current)
 
 
 def _drain(pq, on_progress) -> None:
-    while True:
-        try:
-            event = pq.get_nowait()
-        except (queue_mod.Empty, OSError, EOFError):
-            return
-        if on_progress:
-            on_progress(event)
+    try:
+        while not pq.empty():
+            event = pq.get()
+            if on_progress:
+                on_progress(event)
+    except (OSError, EOFError, ValueError):  # a queue closed or broken by a dead worker: progress is best effort
+        return
 
 
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    """Stop workers still training (Ctrl-C): their runs are lost anyway and redone on the next call."""
+def _stop(pool: ProcessPoolExecutor, pq) -> None:
+    """Stop a pool now: kill the workers still training (their runs are lost anyway and redone on the next
+    call), then shut it down. In that order: ``shutdown`` forgets the pool's processes."""
     for p in list((getattr(pool, "_processes", None) or {}).values()):
         if p.is_alive():
             p.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    pq.close()
 
 
 def make_executor(name: str = "local", workers: int | None = None, threads: int | None = None,

@@ -22,6 +22,7 @@ trace of one check see the same draw; the global torch RNG is left as it was fou
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -188,6 +189,10 @@ def check_memory(spec_or_memory: str | Memory, d_key: int = 4, *, shapes: Sequen
     gates = tuple(getattr(ck.build(d_key), "gates", ()))
     if not all(isinstance(gname, str) and gname.isidentifier() for gname in gates):
         raise ck.fail("gates", f"memory.gates must be a tuple of identifier strings, got {gates!r}")
+    bias = dict(getattr(ck.build(d_key), "gate_bias", {}))
+    if not set(bias) <= set(gates) or not all(math.isfinite(float(b)) for b in bias.values()):
+        raise ck.fail("gate_bias", f"memory.gate_bias must map some of its gates {gates!r} to finite numbers, "
+                                   f"got {bias!r}")
     with torch.random.fork_rng(devices=[]):
         g = torch.Generator().manual_seed(1234)
         for shape in shapes:

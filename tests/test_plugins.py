@@ -218,6 +218,7 @@ def test_rule_sets_the_initial_bias_of_its_gates(plugins):
     batch = rb.task("capacity", num_keys=4).sample(2, torch.Generator().manual_seed(0))
     _, _, betas, _, gates = model.inputs(batch.keys, batch.values, batch.query[:, None])
     assert gates["alpha"].min() > 0.8 and betas.max() < 0.8  # α starts slow; β as before, near ½
+    check_memory(model.memory, d_key=4)  # the contract accepts it
 
 
 def test_gate_bias_for_a_gate_the_memory_lacks_is_a_clear_error(plugins):
@@ -228,3 +229,13 @@ def test_gate_bias_for_a_gate_the_memory_lacks_is_a_clear_error(plugins):
 
     with pytest.raises(ValueError, match=r"gate_bias names \['alhpa'\].*its gates: \['beta', 'alpha'\]"):
         rb.RetrievalModel(4, rb.FastWeightMemory(rb.feature_map("linear"), Typo()), d_key=4)
+
+
+def test_contract_names_a_gate_bias_that_is_not_a_gate(plugins):
+    from tests.fake_plugin import Fake
+
+    class Typo(Fake):
+        gate_bias = {"alhpa": 3.0}
+
+    with pytest.raises(AssertionError, match="gate_bias"):
+        check_memory(rb.FastWeightMemory(rb.feature_map("linear"), Typo()), d_key=4)

@@ -93,19 +93,24 @@ def _dying_job(cfg, progress_queue=None):
 def test_dead_worker_fails_only_its_own_run(tmp_path, monkeypatch):
     exp = experiment(steps=20)
     ids = [r.run_id for r in exp.expand()]
-    once, always = ids[0], ids[1]  # in flight together with other runs when they kill their worker
+    once, always = ids[0], ids[1]  # started together on two workers, so each breaks a pool the other shares
     monkeypatch.setenv("RB_TEST_DIE_ONCE", once)
     monkeypatch.setenv("RB_TEST_DIE_ALWAYS", always)
     monkeypatch.setenv("RB_TEST_MARKERS", str(tmp_path))
-    st = Store(tmp_path / "r.db")
-    state = run_sweep(exp, st, LocalExecutor(workers=2, max_retries=1, job=_dying_job), live=False)
-    runs = st.load("runs").set_index("run_id")
-    assert sorted(runs.index) == sorted(ids)  # every run has its row, none lost
+    starts: dict[str, int] = {}
+
+    def count(ev):
+        starts[ev["run_id"]] = starts.get(ev["run_id"], 0) + 1
+
+    ex = LocalExecutor(workers=2, max_retries=1, job=_dying_job)
+    rows = {res["row"]["run_id"]: res["row"] for res in ex.run([r.to_dict() for r in exp.expand()], count)}
+    assert sorted(rows) == sorted(ids)  # every run has its row, none lost or doubled
     assert (tmp_path / f"{once}.died").exists()
-    assert runs.loc[always, "status"] == "failed" and "worker process died" in runs.loc[always, "error"]
-    # the runs that shared a pool with the dying ones, and the one that died once, finish
-    assert (runs.drop(index=[always])["status"] == "done").all()
-    assert (state.done, state.failed) == (7, 1)
+    assert rows[always]["status"] == "failed" and "worker process died" in rows[always]["error"]
+    assert all(rows[i]["status"] == "done" for i in ids if i != always)
+    # the shared pool broke: both reran alone; `once` then finished, `always` broke its own pool twice
+    # (1 + max_retries) and was stored failed; no other run was ever in flight beside a dying one
+    assert starts == {i: 3 if i == always else 2 if i == once else 1 for i in ids}
 
 
 def _count(db: Path) -> int:
@@ -195,6 +200,43 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tmp_path):
     while _group_alive(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
     assert not _group_alive(proc.pid), "a worker or helper process outlived the interrupted sweep"
+
+
+@needs_proc
+@needs_proc
+def test_driver_killed_while_its_workers_start_leaves_no_process_behind(tmp_path):
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY.format(steps=400))
+    cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(tmp_path / "r.db"),
+           "--workers", "2", "--no-report"]
+    with open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not _spawned_children(proc.pid):
+        time.sleep(0.02)
+    assert _spawned_children(proc.pid), "the driver should have started its workers"
+    proc.kill()  # while the workers are still importing torch, before they can watch their parent
+    proc.wait(timeout=60)
+    deadline = time.time() + 20
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(proc.pid), "a worker outlived a driver killed while it started"
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Pool workers (spawned processes) whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 @needs_proc

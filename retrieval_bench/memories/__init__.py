@@ -116,7 +116,7 @@ class FastWeightMemory(Memory):
         self.attn = attn
         self.spec = spec
         self.gates = rule.gates
-        self.gate_bias = rule.gate_bias
+        self.gate_bias = dict(rule.gate_bias)
         # the sum rule reads only φ(k_t)·φ(q): a map with a cheaper kernel (FAVOR+) may give those directly
         # (each where the class that defines forward also defines the shortcut: a plugin subclass that changes
         # forward alone is not bypassed)
