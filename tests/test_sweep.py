@@ -150,21 +150,24 @@ def test_killed_driver_loses_no_finished_run_and_completes_without_duplicates(tm
     assert (after[before.index] == before).all()  # finished runs were kept, not redone
 
 
-def _group_alive(pgid: int) -> list[int]:
-    """Live (not zombie) processes of a process group: orphans are reparented to a pid 1 that, in a
-    container, may never reap them, so a finished process can linger as a zombie and must not count."""
-    alive = []
+def _processes():
+    """(pid, state, ppid, pgrp, cmdline) of every process, from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            alive.append(int(entry.name))
-    return alive
+        state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+        yield int(entry.name), state, int(ppid), int(pgrp), cmdline
+
+
+def _group_alive(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group: orphans are reparented to a pid 1 that, in a
+    container, may never reap them, so a finished process can linger as a zombie and must not count."""
+    return [pid for pid, state, _, pgrp, _ in _processes() if pgrp == pgid and state != "Z"]
 
 
 def _start_pool_sweep(tmp_path, steps: int, stderr=subprocess.PIPE):
@@ -225,18 +228,7 @@ def test_driver_killed_while_its_workers_start_leaves_no_process_behind(tmp_path
 
 def _spawned_children(pid: int) -> list[int]:
     """Pool workers (spawned processes) whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid and b"spawn_main" in cmdline:
-            found.append(int(entry.name))
-    return found
+    return [p for p, _, ppid, _, cmdline in _processes() if ppid == pid and b"spawn_main" in cmdline]
 
 
 @needs_proc
