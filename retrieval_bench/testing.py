@@ -186,10 +186,11 @@ def check_memory(spec_or_memory: str | Memory, d_key: int = 4, *, shapes: Sequen
     shapes = list(shapes) if shapes is not None else default_shapes(d_key)
     if ck.instance is not None:  # a built instance has one key width
         shapes = [(B, L, Q, d_key, V) for B, L, Q, _, V in shapes]
-    gates = tuple(getattr(ck.build(d_key), "gates", ()))
+    built = ck.build(d_key)
+    gates = tuple(getattr(built, "gates", ()))
     if not all(isinstance(gname, str) and gname.isidentifier() for gname in gates):
         raise ck.fail("gates", f"memory.gates must be a tuple of identifier strings, got {gates!r}")
-    bias = dict(getattr(ck.build(d_key), "gate_bias", {}))
+    bias = dict(getattr(built, "gate_bias", {}))
     if not set(bias) <= set(gates) or not all(math.isfinite(float(b)) for b in bias.values()):
         raise ck.fail("gate_bias", f"memory.gate_bias must map some of its gates {gates!r} to finite numbers, "
                                    f"got {bias!r}")

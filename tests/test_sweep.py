@@ -170,8 +170,8 @@ def _group_alive(pgid: int) -> list[int]:
     return [pid for pid, state, _, pgrp, _ in _processes() if pgrp == pgid and state != "Z"]
 
 
-def _start_pool_sweep(tmp_path, steps: int, stderr=subprocess.PIPE):
-    """A two-worker sweep in a process group of its own, as a terminal runs it."""
+def _pool_sweep(tmp_path, steps: int, stderr) -> tuple[subprocess.Popen, Path]:
+    """Start a two-worker sweep in a process group of its own, as a terminal runs it."""
     toml = tmp_path / "tiny.toml"
     toml.write_text(TINY.format(steps=steps))
     db = tmp_path / "r.db"
@@ -180,10 +180,24 @@ def _start_pool_sweep(tmp_path, steps: int, stderr=subprocess.PIPE):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                             start_new_session=True)
+    return proc, db
+
+
+def _start_pool_sweep(tmp_path, steps: int, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, Path]:
+    """``_pool_sweep``, returned once two runs are stored."""
+    proc, db = _pool_sweep(tmp_path, steps, stderr)
     deadline = time.time() + 120
     while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    return proc, db, cmd, env
+    return proc, db
+
+
+def _group_gone(pgid: int, seconds: float = 20) -> bool:
+    """Whether the process group empties within ``seconds`` (workers notice a dead driver within a few)."""
+    deadline = time.time() + seconds
+    while _group_alive(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    return not _group_alive(pgid)
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
@@ -191,7 +205,7 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="re
 
 @needs_proc
 def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tmp_path):
-    proc, db, cmd, env = _start_pool_sweep(tmp_path, steps=400)
+    proc, db = _start_pool_sweep(tmp_path, steps=400)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver and its workers alike
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -199,31 +213,20 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tmp_path):
     assert "Traceback" not in err
     kept = _count(db)
     assert 2 <= kept < 8, "the interrupt should land mid-sweep"
-    deadline = time.time() + 20
-    while _group_alive(proc.pid) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not _group_alive(proc.pid), "a worker or helper process outlived the interrupted sweep"
+    assert _group_gone(proc.pid), "a worker or helper process outlived the interrupted sweep"
 
 
-@needs_proc
 @needs_proc
 def test_driver_killed_while_its_workers_start_leaves_no_process_behind(tmp_path):
-    toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY.format(steps=400))
-    cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(tmp_path / "r.db"),
-           "--workers", "2", "--no-report"]
     with open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        proc, _ = _pool_sweep(tmp_path, steps=400, stderr=err)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not _spawned_children(proc.pid):
         time.sleep(0.02)
     assert _spawned_children(proc.pid), "the driver should have started its workers"
     proc.kill()  # while the workers are still importing torch, before they can watch their parent
     proc.wait(timeout=60)
-    deadline = time.time() + 20
-    while _group_alive(proc.pid) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not _group_alive(proc.pid), "a worker outlived a driver killed while it started"
+    assert _group_gone(proc.pid), "a worker outlived a driver killed while it started"
 
 
 def _spawned_children(pid: int) -> list[int]:
@@ -235,10 +238,7 @@ def _spawned_children(pid: int) -> list[int]:
 def test_killed_pool_driver_leaves_no_process_behind(tmp_path):
     # stderr to a file, not a pipe: a surviving child would hold a pipe open and hang the read
     with open(tmp_path / "err.txt", "w") as err:
-        proc, db, cmd, env = _start_pool_sweep(tmp_path, steps=400, stderr=err)
+        proc, _ = _start_pool_sweep(tmp_path, steps=400, stderr=err)
     proc.kill()  # SIGKILL: the driver cannot tell anything to stop
     proc.wait(timeout=60)
-    deadline = time.time() + 20  # workers notice their parent is gone within a few seconds
-    while _group_alive(proc.pid) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not _group_alive(proc.pid), "a worker or helper process outlived its SIGKILLed driver"
+    assert _group_gone(proc.pid), "a worker or helper process outlived its SIGKILLed driver"
