@@ -11,20 +11,14 @@ The public API::
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from . import feature_maps as _feature_maps  # noqa: F401  (registers built-ins)
+from ._version import __version__
 from .feature_maps import FeatureMap, feature_map
 from .memories import FastWeightMemory, Memory, SoftmaxMemory, memory, parse_spec
 from .memories.rules import UpdateRule, update_rule
 from .model import RetrievalModel, retrieval_loss
 from .registry import REGISTRIES, RegistryError
 from .tasks import EvalSet, Sample, Task, task
-
-try:
-    __version__ = version("retrieval-bench")
-except PackageNotFoundError:  # running from a checkout without an install
-    __version__ = "0.0.0+local"
 
 
 def names(kind: str) -> list[str]:
@@ -37,5 +31,5 @@ def names(kind: str) -> list[str]:
 __all__ = [
     "EvalSet", "FastWeightMemory", "FeatureMap", "Memory", "RegistryError", "RetrievalModel", "Sample",
     "SoftmaxMemory", "Task", "UpdateRule", "feature_map", "memory", "names", "parse_spec", "retrieval_loss",
-    "task", "update_rule",
+    "task", "update_rule", "__version__",
 ]

@@ -9,6 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ._version import __version__
+
 DEFAULT_STORE = "results/results.db"
 
 
@@ -18,7 +20,7 @@ def _fail(msg: str, code: int = 2) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="retrieval-bench")
+@click.version_option(version=__version__, prog_name="retrieval-bench")
 def main() -> None:
     """Associative-retrieval benchmarks for attention and fast-weight memories."""
 

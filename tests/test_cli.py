@@ -38,6 +38,18 @@ def test_console_script_is_declared():
     assert meta["project"]["scripts"]["retrieval-bench"] == "retrieval_bench.cli:main"
 
 
+def test_version_is_the_one_in_the_code():
+    """Runs record ``retrieval_bench.__version__``; the build and ``--version`` must say the same. Installed
+    metadata that differs means a stale install (an editable one keeps the version it was installed with)."""
+    from importlib.metadata import version
+
+    import retrieval_bench
+
+    assert version("retrieval-bench") == retrieval_bench.__version__, "stale install: pip install -e ."
+    res = CliRunner().invoke(main, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"retrieval-bench, version {retrieval_bench.__version__}"
+
+
 def test_run_writes_store_table_and_report(tiny, tmp_path):
     store, out = tmp_path / "r.db", tmp_path / "plots"
     res = CliRunner().invoke(main, ["run", str(tiny), "--store", str(store), "--workers", "1", "--out", str(out)])

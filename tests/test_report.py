@@ -252,6 +252,17 @@ def test_final_loss_table_is_median_over_finished_seeds():
     assert np.isnan(table.loc["softmax", 40])
 
 
+def test_accuracy_table_is_median_over_finished_seeds():
+    runs = _hand_runs()
+    runs["final_acc"] = np.where(runs["status"] == "done", 0.9 - 0.1 * runs["seed"], 0.0)
+    table = report.accuracy_table(runs)
+    assert list(table.columns) == [20, 40, 60] and list(table.index) == ["linear/sum", "dpfp-1/sum", "softmax"]
+    assert table.loc["linear/sum", 40] == pytest.approx(0.85)
+    assert table.loc["dpfp-1/sum", 40] == pytest.approx(0.9)  # the diverged seed is left out
+    assert np.isnan(table.loc["softmax", 40])
+    assert report.accuracy_table(runs.iloc[:0]).empty
+
+
 def test_solved_table_counts_seeds_under_the_threshold():
     table = report.solved_table(_hand_runs())
     assert list(table.columns) == [20, 40, 60] and list(table.index) == ["linear/sum", "dpfp-1/sum", "softmax"]
@@ -338,6 +349,7 @@ def test_write_report_covers_every_experiment_and_is_deterministic(store, tmp_pa
     md = (out / "capacity" / "report.md").read_text()
     assert "| linear/sum | 16 | 8 | 0.5 |" in md  # the capacity table, in report.md too
     assert "## Readout margin" in md and "| linear/sum | 0.915 | 0.835 |" in md  # margin(8, ·), margin(16, ·)
+    assert "## Final eval accuracy" in md and "| linear/sum | 1 | 1 |" in md
     assert "## Seeds solved" in md and "| dpfp-1/sum | 2/2 | 2/2 | 2/2 | 0/2 | 0/2 |" in md
     csv = pd.read_csv(out / "capacity" / "capacity_table.csv")
     assert set(csv["memory"]) == set(D_DOT)

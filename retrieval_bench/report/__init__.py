@@ -21,10 +21,10 @@ from .figures import (
     stability_figure,
 )
 from .frames import LOG_FLOOR, RULE_DEFAULTS, SCHEMA, NoDataError, load_frames
-from .tables import capacity_table, final_loss_table, margin_table, solved_table
+from .tables import accuracy_table, capacity_table, final_loss_table, margin_table, solved_table
 from .write import write_report
 
 __all__ = ["NoDataError", "load_frames", "capacity_figure", "learning_curves_figure", "normalisation_figure",
            "stability_figure", "contrast_figure", "bench_figure", "capacity_table", "final_loss_table",
-           "margin_table", "solved_table", "write_report", "memory_color", "SINGLE", "DOUBLE", "LOG_FLOOR", "SCHEMA",
-           "RULE_DEFAULTS"]
+           "accuracy_table", "margin_table", "solved_table", "write_report", "memory_color", "SINGLE", "DOUBLE",
+           "LOG_FLOOR", "SCHEMA", "RULE_DEFAULTS"]

@@ -1,5 +1,5 @@
 """Tables: the capacity per memory (largest S solved, its ratio to d_dot, the first S failed), and per memory and
-S the final loss, the seeds solved and the readout margin."""
+S the final loss, the final accuracy, the seeds solved and the readout margin."""
 
 from __future__ import annotations
 
@@ -65,6 +65,18 @@ def final_loss_table(runs: pd.DataFrame) -> pd.DataFrame:
     if runs.empty:
         return pd.DataFrame()
     return _per_memory_and_s(runs[runs["status"] == "done"], "final_loss", runs)
+
+
+def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Median final eval accuracy over finished seeds (the fraction of queries whose largest output is the target):
+    rows memory (task, memory with several tasks), columns S; NaN where every seed diverged or failed.
+
+    Unlike the readout margin, it counts only whether the target wins, not by how much: two memories can rank
+    one way by margin and the other by accuracy.
+    """
+    if runs.empty:
+        return pd.DataFrame()
+    return _per_memory_and_s(runs[runs["status"] == "done"], "final_acc", runs)
 
 
 def margin_table(runs: pd.DataFrame, diagnostics: pd.DataFrame, metric: str = "margin") -> pd.DataFrame:

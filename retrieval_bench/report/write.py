@@ -20,7 +20,7 @@ from .figures import (
     style_rc,
 )
 from .frames import NoDataError, fmt, load_frames, sweep_axis
-from .tables import capacity_table, final_loss_table, margin_table, solved_table
+from .tables import accuracy_table, capacity_table, final_loss_table, margin_table, solved_table
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,16 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
     if runs.groupby(["task", "d_key", "memory", x], dropna=False).size().max() > 1:  # as solved_table counts
         md += ["", "## Seeds solved", "", f"Seeds whose final eval loss is <= {threshold:g}, of the seeds run (a "
                "diverged or failed seed counts as unsolved).", "", *per_s(solved_table(runs, threshold))]
+    accuracy = accuracy_table(runs)
+    if accuracy.notna().any().any():
+        md += ["", "## Final eval accuracy (median over finished seeds)", "",
+               "The fraction of queries whose largest output is the target.", "", *per_s(accuracy)]
     margins = margin_table(runs, diagnostics)
     if not margins.empty:
         md += ["", "## Readout margin (median over finished seeds, last evaluation)", "",
-               "ŷ[target] − max_{j≠target} ŷ[j] on the evaluation set: 1 is a clean one-hot read, 0 or less "
-               "means the target is not read out on top.", "", *per_s(margins)]
+               "The mean over queries of ŷ[target] − max_{j≠target} ŷ[j], in the units of the read: 1 is a clean "
+               "one-hot read. It weighs by how much each read wins or loses, where the accuracy counts only "
+               "whether the target wins, so the two can rank memories differently.", "", *per_s(margins)]
     for stem in ("stability", "contrast", "bench"):
         md += section(stem)
     return "\n".join(md) + "\n"
