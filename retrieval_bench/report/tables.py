@@ -62,9 +62,7 @@ def final_loss_table(runs: pd.DataFrame) -> pd.DataFrame:
     Returns:
         The pivot; NaN where every seed diverged or failed. Columns are L in a length sweep.
     """
-    if runs.empty:
-        return pd.DataFrame()
-    return _per_memory_and_s(runs[runs["status"] == "done"], "final_loss", runs)
+    return _finished_median(runs, "final_loss")
 
 
 def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -74,14 +72,20 @@ def accuracy_table(runs: pd.DataFrame) -> pd.DataFrame:
     Unlike the readout margin, it counts only whether the target wins, not by how much: two memories can rank
     one way by margin and the other by accuracy.
     """
+    return _finished_median(runs, "final_acc")
+
+
+def _finished_median(runs: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Median of a ``runs`` column over the finished seeds, per memory and S (empty for no runs)."""
     if runs.empty:
         return pd.DataFrame()
-    return _per_memory_and_s(runs[runs["status"] == "done"], "final_acc", runs)
+    return _per_memory_and_s(runs[runs["status"] == "done"], column, runs)
 
 
 def margin_table(runs: pd.DataFrame, diagnostics: pd.DataFrame, metric: str = "margin") -> pd.DataFrame:
     """Median over finished seeds of a whole-sequence diagnostic at each run's last evaluation, by default the readout
-    margin ŷ[target] − max_{j≠target} ŷ[j] (1: a clean one-hot read; 0 or less: the target is not on top).
+    margin: the mean over queries of ŷ[target] − max_{j≠target} ŷ[j], in the units of the read (1: a clean
+    one-hot read).
 
     Args:
         runs: The ``runs`` table of one experiment.
