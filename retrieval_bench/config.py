@@ -16,10 +16,9 @@ error names the field.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import inspect
 import itertools
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import Any
 
 from .registry import RegistryError, tasks
 
-SCHEMA_VERSION = 1
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 
 
@@ -80,13 +78,17 @@ class RunConfig:
         d["task"] = {"name": self.task.name, **self.task.kwargs()}
         return d
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
-        canon = json.dumps({"v": SCHEMA_VERSION, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+        """A hash of the settings that make the run what it is (``identity``): defaults left out."""
+        from .identity import run_id
+
+        return run_id(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The inverse of ``to_dict``; a stored config from an older version gets the defaults of the fields it
+        lacks."""
         task = dict(d["task"])
         name = task.pop("name")
         return cls(d["experiment"], TaskConfig(name, tuple(sorted(task.items()))), ModelConfig(**d["model"]),

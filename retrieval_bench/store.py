@@ -15,12 +15,14 @@ from typing import Any
 
 import pandas as pd
 
+from . import migrations
+
 RUN_COLUMNS = {
     "run_id": "TEXT PRIMARY KEY", "experiment": "TEXT", "task": "TEXT", "memory": "TEXT",
     "num_keys": "INTEGER", "seq_len": "INTEGER", "d_key": "INTEGER", "d_dot": "INTEGER", "seed": "INTEGER",
     "status": "TEXT", "stop_reason": "TEXT", "steps": "INTEGER", "final_loss": "REAL", "best_loss": "REAL",
     "final_acc": "REAL", "wall_s": "REAL", "state_size": "INTEGER", "error": "TEXT", "config": "TEXT",
-    "version": "TEXT", "finished_at": "TEXT",
+    "version": "TEXT", "finished_at": "TEXT", "identity": "TEXT",
 }
 BENCH_COLUMNS = {
     "memory": "TEXT", "task": "TEXT", "num_keys": "INTEGER", "seq_len": "INTEGER", "form": "TEXT",
@@ -28,6 +30,7 @@ BENCH_COLUMNS = {
     "peak_mb": "REAL", "max_diff": "REAL", "status": "TEXT", "version": "TEXT", "measured_at": "TEXT",
 }
 SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs ({", ".join(f"{k} {v}" for k, v in RUN_COLUMNS.items())});
 CREATE TABLE IF NOT EXISTS curves (run_id TEXT, step INTEGER, split TEXT, metric TEXT, value REAL);
 CREATE INDEX IF NOT EXISTS curves_run ON curves(run_id);
@@ -40,18 +43,66 @@ CREATE TABLE IF NOT EXISTS bench ({", ".join(f"{k} {v}" for k, v in BENCH_COLUMN
 FINAL_STATUSES = ("done", "diverged")
 
 
+class StoreError(RuntimeError):
+    """A store that cannot be opened, migrated or written: the message names the file and what to do."""
+
+
 class Store:
-    """A SQLite results store at ``path`` (created with its schema on first use)."""
+    """A SQLite results store at ``path``: created with its schema on first use, migrated on open when an older
+    version wrote it (``migrations``), refused with a ``StoreError`` when it is not a store, is damaged or
+    read-only where it must be written, or comes from a newer version."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.executescript(SCHEMA)
+        if self.path.is_dir():
+            raise StoreError(f"{self.path}: is a directory, not a results store")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot create its folder: {e.strerror or e}") from None
+        self.migration = self._open()
+
+    def _open(self) -> dict[str, Any] | None:
+        from .identity import fingerprint
+
+        try:
+            con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: cannot open: {e}") from None
+        try:
+            try:
+                have = migrations.tables(con)
+                version = migrations.schema_version(con)
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: not a results store (SQLite says: {e})") from None
+            if have and "runs" not in have:
+                raise StoreError(f"{self.path}: a SQLite database, but not a retrieval-bench results store "
+                                 f"(its tables: {', '.join(sorted(have))})")
+            try:
+                migrations.check_not_newer(version, self.path)
+            except migrations.NewerStoreError as e:
+                raise StoreError(str(e)) from None
+            try:
+                done = migrations.upgrade(self.path, con, RUN_COLUMNS, BENCH_COLUMNS)
+                con.execute("PRAGMA journal_mode=WAL")  # readers (report) never block the writing driver
+                con.executescript(SCHEMA)
+                if version is None:
+                    con.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                                    [("schema_version", str(migrations.SCHEMA_VERSION)),
+                                     ("identity", fingerprint())])
+            except sqlite3.OperationalError as e:
+                what = ("it needs an upgrade to this version's schema, but cannot be written"
+                        if version is not None and migrations.needs_upgrade(con) else "cannot be written")
+                raise StoreError(f"{self.path}: {what} ({e}); make it writable, or work on a copy") from None
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"{self.path}: damaged or not a results store (SQLite says: {e})") from None
+            return done
+        finally:
+            con.close()
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60)
-        con.execute("PRAGMA journal_mode=WAL")  # readers (report) never block the writing driver
+        con.execute("PRAGMA journal_mode=WAL")
         return con
 
     def finished_ids(self, run_ids: Iterable[str] | None = None) -> set[str]:
@@ -67,8 +118,17 @@ class Store:
         """Store one run atomically, replacing any earlier row with the same id (a rerun or a retry)."""
         row = {k: row.get(k) for k in RUN_COLUMNS}
         if isinstance(row["config"], dict):
+            if row["identity"] is None:
+                row["identity"] = _identity(row["config"])
             row["config"] = json.dumps(row["config"], sort_keys=True)
         rid = row["run_id"]
+        try:
+            self._write_run(rid, row, curves, diagnostics)
+        except sqlite3.Error as e:  # a full disk, a store made read-only meanwhile: the run is not stored
+            raise StoreError(f"{self.path}: could not store run {rid}: {e}; the runs stored before it are "
+                             "kept") from None
+
+    def _write_run(self, rid, row, curves, diagnostics) -> None:
         con = self._connect()
         try:
             with con:  # one transaction: all of the run or none of it
@@ -110,3 +170,14 @@ class Store:
                 con, params=(experiment,))
         finally:
             con.close()
+
+
+def _identity(config: dict[str, Any]) -> str | None:
+    """The canonical settings of a run's config (what its id hashes), None where it is not a run config."""
+    from .config import RunConfig
+    from .identity import canonical_json
+
+    try:
+        return canonical_json(RunConfig.from_dict(config))
+    except (KeyError, TypeError, ValueError):
+        return None

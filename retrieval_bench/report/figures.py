@@ -349,7 +349,8 @@ def bench_figure(bench: pd.DataFrame) -> Figure:
         # breaks a line; a memory with no reference form at all has no line to break
         timed = sub[np.isfinite(sub["ms_step"])].groupby(["memory", "form"]).size()
         bad = sub[~np.isfinite(sub["ms_step"])]
-        bad = bad[[key in timed.index for key in zip(bad["memory"], bad["form"], strict=True)]]
+        # a boolean array, not a list: an empty list would select no columns instead of no rows
+        bad = bad[np.array([key in timed.index for key in zip(bad["memory"], bad["form"], strict=True)], bool)]
         p.failed(ax, bad["memory"], bad[x])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(yscale="log", xlabel=xlabel, ylabel="ms per training step", title=title or "speed")

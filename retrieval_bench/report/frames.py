@@ -14,7 +14,7 @@ FAILED = ("diverged", "failed")
 LOG_FLOOR = 1e-8  # a loss of exactly 0 has no place on a log axis: it is drawn at this floor
 SCHEMA = {  # the columns every loaded frame has, whatever the store holds
     "runs": "run_id experiment task memory num_keys seq_len d_key d_dot seed status steps final_loss "
-    "best_loss final_acc wall_s config version finished_at",
+    "best_loss final_acc wall_s config version finished_at identity",
     "curves": "run_id step split metric value",
     "diagnostics": "run_id step position metric value",
     "bench": "memory num_keys seq_len form threads ms_step ms_eval peak_mb max_diff status",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .frames import FAILED, memory_order, sweep_axis
+from .frames import memory_order, sweep_axis
 
 
 def _keys(runs: pd.DataFrame) -> list[str]:
@@ -30,11 +30,12 @@ def capacity_table(runs: pd.DataFrame, threshold: float = 1e-3) -> pd.DataFrame:
 
     Returns:
         Columns memory, d_dot, largest_solved_S (NaN if none), ratio_to_d_dot, loss_at_largest_S (median over
-        finished seeds at the largest S swept), n_seeds, n_diverged, and first_failed_S (the paper's cliff);
+        finished seeds at the largest S swept), n_seeds, n_diverged and n_failed (runs that raised or lost their
+        worker, kept apart from those whose numbers diverged), and first_failed_S (the paper's cliff);
         task and d_key come first when they vary. S reads L in a length sweep.
     """
     cols = ["memory", "d_dot", "largest_solved_S", "ratio_to_d_dot", "loss_at_largest_S", "n_seeds",
-            "n_diverged", "first_failed_S"]
+            "n_diverged", "n_failed", "first_failed_S"]
     if runs.empty:
         return pd.DataFrame(columns=cols)
     x, keys = sweep_axis(runs)[0], _keys(runs)
@@ -48,7 +49,8 @@ def capacity_table(runs: pd.DataFrame, threshold: float = 1e-3) -> pd.DataFrame:
         rows.append({**dict(zip(keys, vals, strict=True)), "d_dot": d_dot, "largest_solved_S": largest,
                      "ratio_to_d_dot": largest / d_dot if d_dot > 0 else np.nan,
                      "loss_at_largest_S": done["final_loss"].median(), "n_seeds": g["seed"].nunique(),
-                     "n_diverged": int(g["status"].isin(FAILED).sum()),
+                     "n_diverged": int((g["status"] == "diverged").sum()),
+                     "n_failed": int((g["status"] == "failed").sum()),
                      "first_failed_S": unsolved.min() if len(unsolved) else np.nan})
     return _sorted(pd.DataFrame(rows), runs, keys)[keys[:-1] + cols].reset_index(drop=True)
 

@@ -20,6 +20,7 @@ from .figures import (
     style_rc,
 )
 from .frames import NoDataError, fmt, load_frames, sweep_axis
+from .settings import report_dir, setting_groups
 from .tables import accuracy_table, capacity_table, final_loss_table, margin_table, solved_table
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
 
 
 def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, threshold: float,
-                      store: str) -> list[Path]:
+                      store: str, note: str = "") -> list[Path]:
     runs = frames["runs"][frames["runs"]["experiment"] == name]
     curves, diags = (frames[t][frames[t]["run_id"].isin(runs["run_id"])] for t in ("curves", "diagnostics"))
     bench = frames["bench"]
@@ -124,7 +125,8 @@ def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, thr
                 stale.unlink(missing_ok=True)  # an old figure must not outlive the data that explained it
     table = capacity_table(runs, threshold)
     table.to_csv(out / "capacity_table.csv", index=False, float_format="%.6g")
-    (out / "report.md").write_text(_report_md(name, runs, table, threshold, store, figures, diags), encoding="utf-8")
+    md = _report_md(name, runs, table, threshold, store, figures, diags)
+    (out / "report.md").write_text(md.replace("\n\n", "\n\n" + note, 1), encoding="utf-8")  # under the title
     written += [out / "capacity_table.csv", out / "report.md"]
     log.info("wrote %d files to %s", len(written), out)
     return written
@@ -162,5 +164,20 @@ def write_report(store_path: str | Path, out_dir: str | Path = "plots", experime
         log.warning("no runs in %s: nothing to report", store_path)
     written = []
     for name in names:
-        written += _write_experiment(name, frames, Path(out_dir) / name, threshold, str(store_path))
+        runs = frames["runs"][frames["runs"]["experiment"] == name]
+        groups = setting_groups(runs)
+        for i, (label, sub) in enumerate(groups):
+            others = [report_dir(out_dir, name, lab).name for lab, _ in groups if lab != label]
+            note = _settings_note(label, others, i == 0)
+            written += _write_experiment(name, {**frames, "runs": sub}, report_dir(out_dir, name, label if i else ""),
+                                         threshold, str(store_path), note)
     return written
+
+
+def _settings_note(label: str, others: list[str], main: bool) -> str:
+    """What report.md says when an experiment's runs were made with different settings: which runs it shows."""
+    if not others:
+        return ""
+    which = "the most recent runs" if main else "other runs"
+    return (f"_This store holds runs of this experiment made with different settings; they are reported apart. "
+            f"This report shows {which}: {label}. The others: {', '.join(others)} (folders beside this one)._\n\n")
