@@ -162,3 +162,5 @@ class Overwrite(Task):
 def task(name: str, **params) -> Task:
     """Build a registered task, e.g. ``task("overwrite", num_keys=20)``."""
     return tasks.get(name)(**params)
+
+from . import stream  # noqa: E402,F401  (registers mqar, mqar-reassign, noisy-recall)
