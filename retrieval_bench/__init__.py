@@ -14,6 +14,7 @@ from __future__ import annotations
 from . import feature_maps as _feature_maps  # noqa: F401  (registers built-ins)
 from ._version import __version__
 from .feature_maps import FeatureMap, feature_map
+from .lm import CausalLM, lm
 from .memories import FastWeightMemory, Memory, SoftmaxMemory, memory, parse_spec
 from .memories.rules import UpdateRule, update_rule
 from .model import RetrievalModel, retrieval_loss
@@ -33,3 +34,4 @@ __all__ = [
     "SoftmaxMemory", "Task", "UpdateRule", "feature_map", "memory", "names", "parse_spec", "retrieval_loss",
     "task", "update_rule", "__version__",
 ]
+__all__ += ["CausalLM", "lm"]

@@ -438,16 +438,40 @@ def max_difference(rows: list[dict]) -> float | None:
 DEFAULT_MEMORIES = ("softmax", "dpfp-3/sum", "dpfp-3/delta", "favor-512/sum")
 
 
+def check_options(memories: list[str], num_keys: list[int], task: str, d_key: int) -> None:
+    """Raise click.BadParameter naming the option for a memory or task that is unknown or cannot be built at
+    these sizes, before anything is timed or stored (the sizes' ranges are the options' types)."""
+    from .memories import memory
+    from .registry import RegistryError
+
+    for spec in memories:
+        try:
+            memory(spec, d_key=d_key)
+        except (RegistryError, ValueError) as e:
+            raise click.BadParameter(f"{spec!r}: {e}", param_hint="'--memory'") from None
+    for S in num_keys:
+        try:
+            make_task(task, num_keys=S)
+        except RegistryError as e:
+            raise click.BadParameter(str(e), param_hint="'--task'") from None
+        except (ValueError, TypeError) as e:
+            raise click.BadParameter(f"{task} with S = {S}: {e}", param_hint="'--num-keys'") from None
+
+
+_POSITIVE = click.IntRange(min=1)
+
+
 @click.command("bench")
 @click.option("--memory", "memories", multiple=True, default=DEFAULT_MEMORIES, show_default=True,
               help="Memory spec; repeat the option for several.")
-@click.option("--num-keys", "num_keys", multiple=True, type=int, default=(600,), show_default=True,
+@click.option("--num-keys", "num_keys", multiple=True, type=_POSITIVE, default=(600,), show_default=True,
               help="S; repeat the option for several.")
 @click.option("--task", default="capacity", show_default=True, help="Task (sets L from S).")
-@click.option("--threads", default=2, show_default=True, help="Torch threads while timing.")
-@click.option("--repeat", default=5, show_default=True, help="Timed repeats per form (medians reported).")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--d-key", default=64, show_default=True)
+@click.option("--threads", type=_POSITIVE, default=2, show_default=True, help="Torch threads while timing.")
+@click.option("--repeat", type=_POSITIVE, default=5, show_default=True,
+              help="Timed repeats per form (medians reported).")
+@click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
+@click.option("--d-key", type=_POSITIVE, default=64, show_default=True)
 @click.option("--no-reference", is_flag=True, help="Time only the fast forms.")
 @click.option("--store", "store_path", type=click.Path(dir_okay=False), default=None,
               help="Also append the rows to this results store (SQLite).")
@@ -456,6 +480,15 @@ DEFAULT_MEMORIES = ("softmax", "dpfp-3/sum", "dpfp-3/delta", "favor-512/sum")
 def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
                   chunkwise):
     """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
+    check_options(list(memories), list(num_keys), task, d_key)
+    store = None
+    if store_path is not None:  # opened first: a store that cannot be written fails before the timing
+        from .store import Store
+
+        try:
+            store = Store(store_path)
+        except (*_store_errors(), OSError) as e:
+            raise click.BadParameter(str(e), param_hint="'--store'") from None
     rows = run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat,
                      batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
     click.echo(format_table(rows))
@@ -468,11 +501,18 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
             r = chunkwise_throughput(chunk=chunk, threads=threads, repeat=repeat)
             click.echo(f"chunkwise delta rule, chunk {chunk}: {r['ms']:.1f} ms, {r['gflops']:.1f} GFLOP/s "
                        f"(matmul of the loop's shape {r['gemm_gflops']:.1f}, 1024³ matmul {r['peak_gflops']:.1f})")
-    if store_path is not None:
+    if store is not None:
         try:
-            from .store import Store
-        except ImportError:
-            click.echo("note: retrieval_bench.store is not available; the rows were not stored")
-            return
-        Store(store_path).write_bench(rows)
+            store.write_bench(rows)
+        except _store_errors() as e:  # a full disk: one message, exit 2, as `run` does
+            click.echo(f"error: --store {store_path}: the rows could not be stored: {e}", err=True)
+            raise SystemExit(2) from None
         click.echo(f"stored {len(rows)} rows in {store_path}")
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    import sqlite3
+
+    from .store import StoreError
+
+    return StoreError, sqlite3.Error

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,10 @@ from typing import Any
 from .registry import RegistryError, tasks
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
+#: the largest grid ``load`` expands unless told more (``run --max-runs``): no shipped experiment comes near it
+DEFAULT_MAX_RUNS = 100_000
+#: an experiment's name names its report folder: a plain file name, never a path or markup
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 
 
 class ConfigError(ValueError):
@@ -51,6 +56,35 @@ class ModelConfig:
     d_key: int = 64
     embed_factor: float = 2.2
     redraw: str | int = "call"  # FAVOR+ redraw policy: "call", "fixed" or every N training steps
+    # The model family (families/): "retrieval", the paper's single retrieval layer (d_key, embed_factor), or
+    # "lm", a causal language model of n_layers blocks for the token-stream tasks (the fields below).
+    kind: str = "retrieval"
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 1
+    conv: int = 0  # kernel of the short causal depthwise convolution before each mixer; 0 = none
+    mlp_ratio: int = 4  # the MLP's hidden width over d_model; 0 = no MLP (a mixer-only model, as Zoology's)
+
+
+#: ``train.protocol``: which column of PROTOCOL_OPTIONS the options take where they are not set.
+PROTOCOLS = ("suite", "official")
+#: The options where the suite's protocol departs from the official code's, {field: (suite, official)}
+#: (README, "Protocol: the suite against the official code").
+PROTOCOL_OPTIONS = {
+    "eval_set": ("fixed", "fresh"),  # one evaluation set per run, or a fresh one at every evaluation
+    "eval_mean": ("query", "chunk"),  # the plain mean over queries, or the mean of per-chunk means
+    "eval_omega": ("eval", "chunk"),  # one model call (one FAVOR+ Ω) per evaluation, or one per chunk
+    "nonfinite": ("stop", "continue"),  # end the run at its first non-finite value, or train on and log NaN
+}
+
+
+def protocol_problem(train: dict[str, Any]) -> str | None:
+    """The first unknown protocol value in a train section (values or grid lists), as "field: why", else None."""
+    for key, allowed in (("protocol", PROTOCOLS), *PROTOCOL_OPTIONS.items()):
+        for v in _as_list(train.get(key)):
+            if v is not None and (not isinstance(v, str) or v not in allowed):
+                return f"{key}: must be one of {', '.join(map(repr, allowed))}, got {v!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -59,10 +93,40 @@ class TrainConfig:
     lr: float = 1e-3
     eval_every: int = 100
     stop_loss: float = 1e-3
-    patience: int = 10  # evaluations in a row without a new best (the official code stops after 11)
+    patience: int = 11  # evaluations in a row without a new best (the official rule: strike > 10)
     max_steps: int = 100_000
     diagnostics: bool = True
     diag_positions: int = 64
+    # The evaluation and stopping protocol (PROTOCOL_OPTIONS): an option left None takes its protocol's value.
+    protocol: str = "suite"
+    eval_set: str | None = None
+    eval_mean: str | None = None
+    eval_omega: str | None = None
+    nonfinite: str | None = None
+    # The lm family's optimizer and stop rule (families/lm.py); the retrieval family keeps the paper's plain Adam
+    # and stop_loss, and refuses these (validation).
+    weight_decay: float = 0.0  # AdamW's
+    warmup: float = 0.0  # the fraction of max_steps over which the rate rises linearly from 0
+    schedule: str = "constant"  # or "cosine": after the warm-up, decay to 0 at max_steps
+    grad_clip: float = 0.0  # the largest gradient norm; 0 = no clipping
+    stop_acc: float = 0.99  # solved when the eval accuracy reaches it
+
+    def __post_init__(self) -> None:
+        # Canonical form: an option equal to its protocol's value is stored as None, its default, so that
+        # writing out what the protocol implies changes no run id.
+        if self.protocol in PROTOCOLS:
+            col = PROTOCOLS.index(self.protocol)
+            for name, values in PROTOCOL_OPTIONS.items():
+                if getattr(self, name) == values[col]:
+                    object.__setattr__(self, name, None)
+
+    def option(self, name: str) -> str:
+        """The value in force of a protocol option (a key of PROTOCOL_OPTIONS): its own, else its protocol's."""
+        problem = protocol_problem(dataclasses.asdict(self))
+        if problem:
+            raise ConfigError(f"train.{problem}")
+        value = getattr(self, name)
+        return PROTOCOL_OPTIONS[name][PROTOCOLS.index(self.protocol)] if value is None else value
 
 
 @dataclass(frozen=True)
@@ -168,49 +232,45 @@ def _build_run(experiment: str, secs: dict[str, dict[str, Any]], seed: int) -> R
     return RunConfig(experiment, TaskConfig(name, tuple(sorted(task.items()))), model, train, seed)
 
 
-def _validate(exp: Experiment) -> None:
-    """Check every key, type and size before any training starts."""
-    for sec, cls in (("model", ModelConfig), ("train", TrainConfig)):
-        allowed = _fields(cls)
-        for key, val in getattr(exp, sec).items():
-            if key not in allowed:
-                raise ConfigError(_unknown(f"{sec}.{key}", key, allowed))
-            for v in val if isinstance(val, list) else [val]:
-                _check_type(f"{sec}.{key}", v, allowed[key])
+def _validate(exp: Experiment, max_runs: int = DEFAULT_MAX_RUNS) -> None:
+    """Check every key, type, value and size before any training starts; nothing is expanded before the
+    grid's size is known, and no task or memory is built before its sizes are known to fit."""
+    from .validation import check_fields, check_override_memories, check_runs, check_section, grid_size
+
+    for sec in ("task", "model", "train"):
+        check_section(sec, getattr(exp, sec))
+    for i, (_, changes) in enumerate(exp.overrides):
+        for sec, vals in changes.items():
+            check_section(f"override[{i}].{sec}", vals, axes=False)
+    if not exp.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in exp.seeds):
+        raise ConfigError(f"seeds: expected a non-empty list of integers, got {list(exp.seeds)!r}")
+    n, how = grid_size(exp)
+    if n > max_runs:
+        raise ConfigError(f"grid: {n:,} runs ({how}), more than the cap of {max_runs:,}; shrink an axis, or "
+                          "raise the cap with --max-runs")
+    for sec in ("model", "train"):
+        check_fields(sec, sec, getattr(exp, sec))
+    for i, (_, changes) in enumerate(exp.overrides):
+        for sec, vals in changes.items():
+            check_fields(f"override[{i}].{sec}", sec, vals)
     task_name = exp.task.get("name", "capacity")
     if isinstance(task_name, list):
         raise ConfigError("task.name: one task per experiment file")
+    if not isinstance(task_name, str):
+        raise ConfigError(f"task.name: expected a task name (a string), got {type(task_name).__name__} "
+                          f"{task_name!r}")
     allowed_task = _task_params(task_name) | {"name"}
     for key in exp.task:
         if key not in allowed_task:
             raise ConfigError(_unknown(f"task.{key}", key, allowed_task))
-    if not exp.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in exp.seeds):
-        raise ConfigError(f"seeds: expected a non-empty list of integers, got {list(exp.seeds)!r}")
-    for key in ("batch_size", "eval_every", "max_steps", "patience", "diag_positions"):
-        for v in _as_list(exp.train.get(key, 1)):
-            if v < 1:
-                raise ConfigError(f"train.{key}: must be >= 1, got {v}")
-    for v in _as_list(exp.train.get("lr", 1.0)):
-        if not v > 0:
-            raise ConfigError(f"train.lr: must be > 0, got {v}")
-    # Build every distinct task and memory once: impossible sizes and unknown names surface here.
-    from .memories import memory
-
-    runs = exp.expand()
-    for t in {r.task for r in runs}:
-        try:
-            t.build()
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"task ({t.name}, {dict(t.params)}): {e}") from None
-    for m in {r.model for r in runs}:
-        try:
-            memory(m.memory, d_key=m.d_key)
-        except RegistryError as e:
-            raise ConfigError(f"model.memory: {e}") from None
-        except ValueError as e:
-            raise ConfigError(f"model ({m.memory}, d_key={m.d_key}): {e}") from None
-        if m.d_key < 1:
-            raise ConfigError(f"model.d_key: must be >= 1, got {m.d_key}")
+    check_override_memories(exp)
+    # The protocol options (train.protocol, eval_set, eval_mean, eval_omega, nonfinite): known values only.
+    for where, train in [("train", exp.train),
+                         *((f"override[{i}].train", ch.get("train", {})) for i, (_, ch) in enumerate(exp.overrides))]:
+        problem = protocol_problem(train)
+        if problem:
+            raise ConfigError(f"{where}.{problem}")
+    check_runs(exp.expand())
 
 
 def _as_list(v: Any) -> list:
@@ -226,55 +286,86 @@ def _unknown(where: str, key: str, allowed) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """A ``--set`` value: a TOML value (``[8, 16]``, ``1e-3``, ``true``), else a bare string."""
+    """A ``--set`` value: a TOML value (``[8, 16]``, ``1e-3``, ``true``, ``"a b"``), else a bare string
+    (``linear/sum``). Text that opens a TOML array, table or string must be one: ``[`` is a syntax error,
+    not the string "["."""
+    text = text.strip()
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if not text:
+            raise ConfigError("no value after '='") from None
+        if text[0] in "[{\"'":
+            raise ConfigError(f"malformed value {text!r} ({e})") from None
         return text
 
 
-def from_dict(raw: dict[str, Any], source: str = "", sets: tuple[str, ...] = ()) -> Experiment:
-    """Build and validate an Experiment from parsed TOML plus ``section.key=value`` overrides."""
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+def _apply_sets(raw: dict[str, Any], sets: tuple[str, ...]) -> None:
     for item in sets:
         path, eq, text = item.partition("=")
         sec, dot, key = path.strip().partition(".")
-        if not eq or not dot or sec not in ("task", "model", "train"):
-            if path.strip() in ("seeds", "name", "description") and eq:
-                raw[path.strip()] = parse_value(text.strip())
-                continue
+        top = not dot and path.strip() in ("seeds", "name", "description")
+        if not eq or not (top or (dot and sec in ("task", "model", "train"))):
             raise ConfigError(f"--set {item!r}: expected section.key=value with section task, model or train")
-        raw.setdefault(sec, {})[key.strip()] = parse_value(text.strip())
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(_unknown(key, key, _TOP_KEYS))
-    if "name" not in raw or not isinstance(raw["name"], str) or not raw["name"]:
-        raise ConfigError("name: every experiment needs a name (a non-empty string)")
-    for sec in ("task", "model", "train"):
-        if not isinstance(raw.get(sec, {}), dict):
-            raise ConfigError(f"[{sec}] must be a table")
+        try:
+            value = parse_value(text)
+        except ConfigError as e:
+            raise ConfigError(f"--set {item!r}: {path.strip()}: {e}") from None
+        if top:
+            raw[path.strip()] = value
+        else:
+            if not isinstance(raw.setdefault(sec, {}), dict):
+                raise ConfigError(f"[{sec}] must be a table")
+            raw[sec][key.strip()] = value
+
+
+def _overrides(raw: Any) -> tuple[tuple[str, dict[str, dict[str, Any]]], ...]:
+    """The ``[[override]]`` tables' structure (their values are checked in ``_validate``, as sections' are)."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"override: expected [[override]] tables (memory = \"NAME\", train = {{...}}, "
+                          f"model = {{...}}), got {type(raw).__name__} {raw!r}")
     overrides = []
-    for i, ov in enumerate(raw.get("override", [])):
+    for i, ov in enumerate(raw):
         if not isinstance(ov, dict) or not isinstance(ov.get("memory"), str):
             raise ConfigError(f"override[{i}]: needs memory = \"NAME\" and train/model tables")
         extra = set(ov) - {"memory", "train", "model"}
         if extra:
             raise ConfigError(f"override[{i}]: unknown key {sorted(extra)[0]} (allowed: memory, train, model)")
         for sec in ("train", "model"):
-            for key in ov.get(sec, {}):
-                if key not in _fields(TrainConfig if sec == "train" else ModelConfig):
-                    raise ConfigError(_unknown(f"override[{i}].{sec}.{key}", key,
-                                               _fields(TrainConfig if sec == "train" else ModelConfig)))
+            if not isinstance(ov.get(sec, {}), dict):
+                raise ConfigError(f"override[{i}].{sec}: must be a table ({sec} = {{ key = value }}), got "
+                                  f"{type(ov[sec]).__name__} {ov[sec]!r}")
         overrides.append((ov["memory"], {s: dict(ov.get(s, {})) for s in ("train", "model")}))
+    return tuple(overrides)
+
+
+def from_dict(raw: dict[str, Any], source: str = "", sets: tuple[str, ...] = (),
+              max_runs: int = DEFAULT_MAX_RUNS) -> Experiment:
+    """Build and validate an Experiment from parsed TOML plus ``section.key=value`` overrides; a grid of
+    more than ``max_runs`` runs is refused before it is expanded."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    _apply_sets(raw, sets)
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise ConfigError(_unknown(key, key, _TOP_KEYS))
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("name: every experiment needs a name (a non-empty string)")
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"name: {name!r} is not a plain name: use letters, digits and . _ - (not first a dot), "
+                          "at most 100 characters (it names the report's folder)")
+    for sec in ("task", "model", "train"):
+        if not isinstance(raw.get(sec, {}), dict):
+            raise ConfigError(f"[{sec}] must be a table")
     seeds = raw.get("seeds", [1])
     exp = Experiment(
-        name=raw["name"], description=str(raw.get("description", "")),
+        name=name, description=str(raw.get("description", "")),
         seeds=tuple(seeds) if isinstance(seeds, list) else (seeds,),
         task=raw.get("task", {}), model=raw.get("model", {}), train=raw.get("train", {}),
-        overrides=tuple(overrides), source=source,
+        overrides=_overrides(raw.get("override", [])), source=source,
     )
-    _validate(exp)
+    _validate(exp, max_runs)
     return exp
 
 
@@ -283,11 +374,27 @@ def shipped_experiments() -> dict[str, Path]:
     return {p.stem: p for p in sorted(EXPERIMENTS_DIR.glob("*.toml"))}
 
 
+def _kind(p: Path) -> str | None:
+    """"file", "dir", "other" or None (nothing there); a path that cannot be looked at raises ConfigError."""
+    import stat
+
+    try:
+        mode = p.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:  # e.g. a file inside a directory this user may not enter
+        raise ConfigError(f"experiment file {p}: cannot read it: {e.strerror or e}") from None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
 def resolve_path(name_or_path: str) -> Path:
     """A path to a TOML file, or the name of a shipped experiment."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
-        if not p.is_file():
+    kind = _kind(p)
+    if p.suffix == ".toml" or kind is not None:
+        if kind == "dir":
+            raise ConfigError(f"experiment file {name_or_path}: is a directory, not an experiment file")
+        if kind != "file":
             raise ConfigError(f"experiment file not found: {name_or_path}")
         return p
     shipped = shipped_experiments()
@@ -301,7 +408,7 @@ def resolve_path(name_or_path: str) -> Path:
                       f"(shipped: {', '.join(shipped)})")
 
 
-def load(name_or_path: str, sets: tuple[str, ...] = ()) -> Experiment:
+def load(name_or_path: str, sets: tuple[str, ...] = (), max_runs: int = DEFAULT_MAX_RUNS) -> Experiment:
     """Load, override and validate an experiment; raises ConfigError with the field named."""
     path = resolve_path(name_or_path)
     try:
@@ -310,4 +417,4 @@ def load(name_or_path: str, sets: tuple[str, ...] = ()) -> Experiment:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
-    return from_dict(raw, source=str(path), sets=sets)
+    return from_dict(raw, source=str(path), sets=sets, max_runs=max_runs)

@@ -111,12 +111,46 @@ def run_id(cfg: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def fingerprint() -> str:
-    """A hash of the identity rule and the dataclass defaults: when it changes, stored ids must be recomputed."""
-    from .config import ModelConfig, TaskConfig, TrainConfig
+def defaults() -> dict[str, Any]:
+    """What the ids of this version rest on: the rule, the settings left out, and every default (the config
+    sections' and the built-in tasks' constructors'), as JSON-ready data. Stored in a store's ``meta`` table."""
+    import inspect
 
-    parts = {"rule": ID_RULE, "not_identity": sorted(map(list, NOT_IDENTITY))}
+    from .config import ModelConfig, TaskConfig, TrainConfig
+    from .registry import tasks
+
+    parts: dict[str, Any] = {"rule": ID_RULE, "not_identity": sorted(map(list, NOT_IDENTITY))}
     for cls in (TaskConfig, ModelConfig, TrainConfig):
         parts[cls.__name__] = {f.name: repr(f.default) for f in dataclasses.fields(cls)
                                if f.default is not dataclasses.MISSING}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    for name, origin in tasks.origins().items():
+        if origin == "built-in":
+            for klass in inspect.getmro(tasks.get(name)):
+                if "__init__" in vars(klass):
+                    parts[f"task:{name}:{klass.__name__}"] = {
+                        p.name: repr(p.default) for p in inspect.signature(klass.__init__).parameters.values()
+                        if p.default is not inspect.Parameter.empty}
+    return parts
+
+
+def fingerprint() -> str:
+    return json.dumps(defaults(), sort_keys=True)
+
+
+def ids_change(stored: str | None) -> bool:
+    """Whether ids made under the ``stored`` fingerprint differ from this version's: the rule changed, or a
+    default that both versions have changed. A setting added with a default (or dropped) changes no id."""
+    if not stored:
+        return True
+    try:
+        old = json.loads(stored)
+    except ValueError:
+        return True
+    new = defaults()
+    if old.get("rule") != new["rule"] or old.get("not_identity") != new["not_identity"]:
+        return True
+    for section, values in new.items():
+        if isinstance(values, dict) and isinstance(old.get(section), dict):
+            if any(old[section][k] != v for k, v in values.items() if k in old[section]):
+                return True
+    return False

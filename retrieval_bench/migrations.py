@@ -12,8 +12,10 @@ without one was written by 0.2.1 or before: version 1). ``Store`` calls ``upgrad
   final status and the latest finish is kept.
 
 To change the schema, append a step to ``STEPS`` (it receives the open connection inside the transaction) and
-raise ``SCHEMA_VERSION``; to change a default or the identity rule, nothing else is needed: the fingerprint
-changes and the next open recomputes the ids.
+raise ``SCHEMA_VERSION``. To change a config default or the identity rule, nothing else is needed: the
+fingerprint (identity.defaults) changes and the next open recomputes the ids from the stored configs, which hold
+every config field. A built-in task's default is different: a stored config holds only the task settings that
+were given, so changing one needs a step that writes the old default into the stored configs that lack it.
 """
 
 from __future__ import annotations
@@ -73,12 +75,22 @@ def check_not_newer(version: int | None, path: Path) -> None:
 
 
 def needs_upgrade(con: sqlite3.Connection) -> bool:
-    from .identity import fingerprint
+    """Whether the schema is older, or the ids were made under a rule or defaults that give other ids now."""
+    from .identity import ids_change
 
     version = schema_version(con)
     if version is None:
         return False
-    return version < SCHEMA_VERSION or read_meta(con).get("identity") != fingerprint()
+    return version < SCHEMA_VERSION or ids_change(read_meta(con).get("identity"))
+
+
+def note_fingerprint(con: sqlite3.Connection) -> None:
+    """Record this version's fingerprint where it differs only in what changes no id (a setting added with a
+    default): no backup, no rekeying, one small write."""
+    from .identity import fingerprint
+
+    if schema_version(con) == SCHEMA_VERSION and read_meta(con).get("identity") != fingerprint():
+        con.execute("UPDATE meta SET value = ? WHERE key = 'identity'", (fingerprint(),))
 
 
 def backup(path: Path, version: int) -> Path:
@@ -123,15 +135,15 @@ def rekey(con: sqlite3.Connection) -> dict[str, int]:
 
     rows = con.execute("SELECT run_id, config, status, finished_at FROM runs").fetchall()
     target: dict[str, list[tuple]] = {}
-    identity: dict[str, str | None] = {}
+    identity: dict[str, tuple] = {}  # old id -> (identity, family, lr): columns the config gives
     kept = 0
     for rid, config, status, finished_at in rows:
         try:
             cfg = RunConfig.from_dict(json.loads(config))
-            new, ident = cfg.run_id, canonical_json(cfg)
+            new, ident = cfg.run_id, (canonical_json(cfg), cfg.model.kind, cfg.train.lr)
         except Exception as e:  # noqa: BLE001  (a config this version cannot read: leave the run as it is)
             log.warning("run %s: config not readable (%s); its id is kept", rid, e)
-            new, ident = rid, None
+            new, ident = rid, (None, None, None)
             kept += 1
         target.setdefault(new, []).append((rid, status, finished_at))
         identity[rid] = ident
@@ -144,7 +156,8 @@ def rekey(con: sqlite3.Connection) -> dict[str, int]:
                 con.execute(f"DELETE FROM {table} WHERE run_id = ?", (rid,))
             merged += 1
         winner = group[0][0]
-        con.execute("UPDATE runs SET identity = ? WHERE run_id = ?", (identity[winner], winner))
+        con.execute("UPDATE runs SET identity = ?, family = coalesce(family, ?), lr = coalesce(lr, ?) "
+                    "WHERE run_id = ?", (*identity[winner], winner))
         if winner != new:
             renames.append((winner, new))
     # Two passes through temporary ids, so that no new id meets an old one that has not moved yet.

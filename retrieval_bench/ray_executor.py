@@ -6,12 +6,22 @@ whose worker dies (killed, OOM) is retried by Ray (``max_retries``); after that 
 ``failed`` and the sweep goes on, and a rerun of the command retries it. Live progress goes through a small
 actor that the workers post to and the driver drains.
 
+Start-up: ``ray.init`` runs in a helper thread while the driver waits with a time limit
+(``start_timeout_s``), so Ctrl-C is handled at once and a machine too busy to start Ray gets a message, not a
+hang. A private local instance is watched by a small reaper process (``_REAPER``) that stops every process the
+instance started once the driver ends, however it ends (even by SIGKILL), so no Ray process outlives it.
+
 Ray is an optional extra (``pip install 'retrieval-bench[ray]'``): importing this module needs it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +39,85 @@ _worker_threads: int | None = None
 
 #: how long the driver waits for a result before it drains the progress actor again (seconds)
 POLL_S = 0.5
+#: how long ``ray.init`` may take to start a local instance or to reach a cluster (seconds; Ray took over
+#: 110 s, and then hung, on a busy 2-core machine, where 5-10 s is usual)
+START_TIMEOUT_S = 120.0
+
+
+class RayStartError(ConnectionError):
+    """Ray did not start (or connect) within the time limit; what it had started is stopped."""
+
+
+# The reaper: a separate small process (plain Python, no imports of this package, so it starts in tens of ms)
+# that records every process descended from the driver since the reaper began, and when its stdin closes (the
+# driver closed it, or died) stops those still alive: SIGTERM, then SIGKILL. Recording as they appear is what
+# it takes: when the driver dies its children die with it (Ray binds them to it), but theirs (Ray's agents)
+# are re-parented to init and would otherwise live on.
+_REAPER = r"""
+import os, select, signal, sys, time
+driver, me = int(sys.argv[1]), os.getpid()
+
+def stat(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[19])  # state, ppid, start time (clock ticks after boot)
+
+born, seen = stat(me)[2], {}
+
+def scan():
+    procs = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (st := stat(int(name))) is not None:
+            procs[int(name)] = st
+    children = {}
+    for pid, (_, ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = [driver, *seen]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            if c != me and c not in seen and procs[c][2] >= born:
+                seen[c] = procs[c][2]
+                todo.append(c)
+
+def alive():
+    return [p for p, start in seen.items() if (st := stat(p)) is not None and st[2] == start and st[0] != b"Z"]
+
+while True:
+    scan()
+    if select.select([sys.stdin], [], [], 0.5)[0] and not os.read(sys.stdin.fileno(), 4096):
+        break
+scan()
+for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
+    for p in alive():
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    end = time.monotonic() + wait
+    while alive() and time.monotonic() < end:
+        time.sleep(0.05)
+"""
+
+
+def _start_reaper() -> subprocess.Popen | None:
+    """The reaper for a Ray instance this process is about to start, or None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    # its own session: a Ctrl-C at the terminal (SIGINT to the driver's process group) must not end it first
+    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+class _QuietThreadWarning(logging.Filter):
+    """Drops Ray's warning that ray.init outside the main thread sets no SIGTERM handler: the reaper, not that
+    handler, is what stops the instance when the driver is terminated."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
 
 
 class _ProgressActor:
@@ -98,12 +187,17 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, threads_per_run: int = 1, address: str | None = None, num_cpus: int | None = None,
-                 max_retries: int = 1, job: Job = execute):
+                 max_retries: int = 1, job: Job = execute, start_timeout_s: float = START_TIMEOUT_S):
         if threads_per_run < 1:
             raise ValueError(f"threads_per_run must be >= 1, got {threads_per_run}")
+        if not start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s}")
         self.threads, self.address, self.num_cpus = threads_per_run, address, num_cpus
-        self.max_retries, self.job = max_retries, job
+        self.max_retries, self.job, self.start_timeout_s = max_retries, job, start_timeout_s
         self._started = False  # whether this executor called ray.init (and so disconnects or shuts down)
+        self._aborted = False  # whether a start was given up (Ray is then left to the reaper, not called)
+        self._release: threading.Event | None = None  # ends the thread that ran ray.init
+        self._reaper: subprocess.Popen | None = None
         self._pending: dict[Any, dict[str, Any]] = {}
         self._progress_actor = None
         self._warned_version = False
@@ -117,20 +211,84 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             if self.address:
                 try:
-                    ray.init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
+                    self._init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
+                except RayStartError:
+                    raise
                 except ConnectionError as e:
                     raise ConnectionError(
                         f"cannot connect to the Ray cluster at {self.address} ({e}). Is it up "
                         "(`ray status`)? If it uses token authentication, set RAY_AUTH_MODE=token here and "
                         "give this machine the cluster's token (see docs/ray.md)") from e
             else:
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                         ignore_reinit_error=True)
+                self._reaper = _start_reaper()
+                self._init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                           ignore_reinit_error=True)
             self._started = True
         largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         if largest < self.threads:
+            self.close()
             raise ValueError(f"--cpus-per-run {self.threads}: no node of the Ray cluster has that many CPUs "
                              f"(the largest has {largest:g}); runs would wait forever")
+
+    def _init(self, **kwargs) -> None:
+        """``ray.init(**kwargs)`` within ``start_timeout_s``, interruptible by Ctrl-C.
+
+        ray.init runs in a helper thread and this thread only waits: ray.init can block in native code, where
+        neither a signal nor a deadline reaches it. The helper thread lives on until ``close``, because the
+        local instance's processes are bound to the thread that started them (Linux's parent-death signal
+        fires when that thread ends). On a timeout or Ctrl-C the reaper stops what was started.
+        """
+        done, self._release, box = threading.Event(), threading.Event(), {}
+        release = self._release
+
+        def start():
+            try:
+                ray.init(**kwargs)
+            except BaseException as e:  # handed to the waiting thread
+                box["error"] = e
+            done.set()
+            release.wait()
+
+        quiet = _QuietThreadWarning()
+        ray_log = logging.getLogger("ray._private.worker")
+        ray_log.addFilter(quiet)
+        deadline = time.monotonic() + self.start_timeout_s
+        try:
+            threading.Thread(target=start, name="ray-init", daemon=True).start()
+            while not done.wait(0.1):
+                if time.monotonic() > deadline:
+                    where = f"connect to the Ray cluster at {self.address}" if self.address else "start"
+                    raise RayStartError(
+                        f"--executor ray: Ray did not {where} within {self.start_timeout_s:g} s "
+                        "(--ray-start-timeout); a busy machine can take longer. What it had started was stopped. "
+                        "Try again with a longer --ray-start-timeout, or use --executor local")
+        except BaseException:  # the time limit, or Ctrl-C while Ray starts
+            self._abort_start()
+            raise
+        finally:
+            ray_log.removeFilter(quiet)
+        if "error" in box:
+            self._abort_start()
+            raise box["error"]
+
+    def _abort_start(self) -> None:
+        """Give up a start: the reaper stops what Ray had started; Ray itself is not called again (it may still
+        be inside ray.init)."""
+        self._aborted = True
+        self._stop_reaper()
+        if self._release is not None:
+            self._release.set()
+
+    def _stop_reaper(self, timeout: float = 10.0) -> None:
+        """Close the reaper's pipe, so that it stops the instance's leftovers, and wait for it to finish."""
+        reaper, self._reaper = self._reaper, None
+        if reaper is None:
+            return
+        try:
+            reaper.stdin.close()
+            reaper.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("the Ray reaper did not finish: %s", e)
 
     def _capacity(self) -> int:
         """How many runs the cluster can hold at once (at least one)."""
@@ -232,13 +390,21 @@ class RayExecutor(Executor):
     def close(self) -> None:
         """Stop what is still running, then end this process's Ray session if this executor began it.
 
-        For a local instance that ends the instance; for a cluster given by ``address`` it only disconnects
-        this driver (``ray.shutdown`` never stops a cluster started with ``ray start``). A session this
-        process had before the executor (a test's) is left as it is.
+        For a local instance that ends the instance (and the reaper then stops any process of it that is
+        left); for a cluster given by ``address`` it only disconnects this driver (``ray.shutdown`` never stops
+        a cluster started with ``ray start``). A session this process had before the executor (a test's) is
+        left as it is.
         """
+        if self._aborted:  # a start given up: Ray may still be inside ray.init; the reaper has done the rest
+            self._started = False
+            return
         if ray.is_initialized():
             self._cancel_pending()
             self._stop_progress()
         if self._started:
             ray.shutdown()
             self._started = False
+        if self._release is not None:  # only now may the thread that started the instance end
+            self._release.set()
+            self._release = None
+        self._stop_reaper()

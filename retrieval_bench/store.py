@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ RUN_COLUMNS = {
     "num_keys": "INTEGER", "seq_len": "INTEGER", "d_key": "INTEGER", "d_dot": "INTEGER", "seed": "INTEGER",
     "status": "TEXT", "stop_reason": "TEXT", "steps": "INTEGER", "final_loss": "REAL", "best_loss": "REAL",
     "final_acc": "REAL", "wall_s": "REAL", "state_size": "INTEGER", "error": "TEXT", "config": "TEXT",
-    "version": "TEXT", "finished_at": "TEXT", "identity": "TEXT",
+    "version": "TEXT", "finished_at": "TEXT", "identity": "TEXT", "family": "TEXT", "d_model": "INTEGER",
+    "lr": "REAL", "eval_seq_len": "INTEGER",
 }
 BENCH_COLUMNS = {
     "memory": "TEXT", "task": "TEXT", "num_keys": "INTEGER", "seq_len": "INTEGER", "form": "TEXT",
@@ -63,8 +65,6 @@ class Store:
         self.migration = self._open()
 
     def _open(self) -> dict[str, Any] | None:
-        from .identity import fingerprint
-
         try:
             con = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         except sqlite3.Error as e:
@@ -83,13 +83,7 @@ class Store:
             except migrations.NewerStoreError as e:
                 raise StoreError(str(e)) from None
             try:
-                done = migrations.upgrade(self.path, con, RUN_COLUMNS, BENCH_COLUMNS)
-                con.execute("PRAGMA journal_mode=WAL")  # readers (report) never block the writing driver
-                con.executescript(SCHEMA)
-                if version is None:
-                    con.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                                    [("schema_version", str(migrations.SCHEMA_VERSION)),
-                                     ("identity", fingerprint())])
+                done = self._prepare(con, version)
             except sqlite3.OperationalError as e:
                 what = ("it needs an upgrade to this version's schema, but cannot be written"
                         if version is not None and migrations.needs_upgrade(con) else "cannot be written")
@@ -99,6 +93,29 @@ class Store:
             return done
         finally:
             con.close()
+
+    def _prepare(self, con: sqlite3.Connection, version: int | None) -> dict[str, Any] | None:
+        """Migrate if needed, then WAL mode, the tables, the meta rows. Another process opening the same store
+        at the same moment can make SQLite answer "locked" at once (a journal-mode change does not wait), so a
+        locked store is tried again for up to a minute."""
+        from .identity import fingerprint
+
+        for attempt in range(600):
+            try:
+                done = migrations.upgrade(self.path, con, RUN_COLUMNS, BENCH_COLUMNS)
+                migrations.note_fingerprint(con)
+                con.execute("PRAGMA journal_mode=WAL")  # readers (report) never block the writing driver
+                con.executescript(SCHEMA)
+                if version is None:
+                    con.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                                    [("schema_version", str(migrations.SCHEMA_VERSION)),
+                                     ("identity", fingerprint())])
+                return done
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or attempt == 599:
+                    raise
+                time.sleep(0.1)
+        return None
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=60)

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -55,7 +56,8 @@ class SweepState:
             table.add_column(col)
         for rid, info in list(self.running.items())[:12]:
             loss = info.get("eval_loss")
-            table.add_row(self.labels.get(rid, rid), str(info.get("step", 0)),
+            # labels hold user strings (memory names): Text, so that brackets print instead of being markup
+            table.add_row(Text(self.labels.get(rid, rid)), str(info.get("step", 0)),
                           f"{loss:.4g}" if loss is not None else "-")
         return Group(head, table)
 
@@ -104,10 +106,9 @@ def run_sweep(exp: Experiment, store: Store, executor: Executor, rerun: bool = F
             setattr(state, status, getattr(state, status) + 1)
             if not use_live:
                 loss = row.get("final_loss")
-                console.print(f"[{state.finished}/{state.total}] {state.labels.get(row['run_id'], row['run_id'])}: "
-                              f"{status}, final eval loss {loss:.4g}" if loss is not None else
-                              f"[{state.finished}/{state.total}] {state.labels.get(row['run_id'])}: {status}",
-                              highlight=False)
+                name = escape(state.labels.get(row["run_id"], row["run_id"]))
+                console.print(f"[{state.finished}/{state.total}] {name}: {status}"
+                              + (f", final eval loss {loss:.4g}" if loss is not None else ""), highlight=False)
             if lv is not None:
                 lv.refresh()
     return state

@@ -1,12 +1,20 @@
-"""Shared tiny fixtures: seeded torch, the Agg backend, random memory inputs, and the memories to test.
+"""Shared tiny fixtures: seeded torch, the Agg backend, random memory inputs, the memories to test, scoped
+registries, tiny experiments, and an executor that records the events it reports.
 
-Sizes stay tiny (B <= 3, K, V <= 8, L <= 70) so the whole core suite runs in seconds on two CPU cores.
+What a memory reads stays small (B <= 3 and K, V <= 8 in most tests; the longest sequences, L = 120, span several
+chunks of the chunked fast forms) and runs are short (tens of steps), so the default run takes seconds per module
+on two CPU cores. A test that takes longer is marked ``slow`` (run them with ``python -m pytest -q -m slow``), one
+that needs CUDA ``gpu``; the default run leaves both out.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
-from contextlib import ExitStack
+import tomllib
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MPLBACKEND", "Agg")  # before anything imports matplotlib
 
@@ -15,6 +23,10 @@ import torch  # noqa: E402
 
 import retrieval_bench as rb  # noqa: E402
 from retrieval_bench import registry  # noqa: E402
+from retrieval_bench.config import Experiment, from_dict  # noqa: E402
+from retrieval_bench.executors import Executor  # noqa: E402
+from retrieval_bench.testing import composition  # noqa: E402
+from retrieval_bench.testing import scoped_registries as _scoped_registries  # noqa: E402
 
 # Tiny tensors gain nothing from intra-op threads, and on a busy two-core machine the OpenMP hand-off of small
 # LAPACK calls (FAVOR+'s QR) costs ~0.3 s each.
@@ -22,8 +34,9 @@ torch.set_num_threads(1)
 
 
 def composed_specs() -> list[str]:
-    """Every registered φ × every registered rule (with the rule's default normalisation), plus every
-    normalisation, with and without the attention normaliser, on the ``linear`` map.
+    """Every registered φ × every registered rule (with the rule's default normalisation, or l2 where the registry
+    refuses that default for a signed map: ``retrieval_bench.testing.composition``), plus every normalisation,
+    with and without the attention normaliser, on the ``linear`` map.
 
     Built from the registries, so a newly registered feature map, rule or normalisation is covered without
     writing a test.
@@ -36,7 +49,7 @@ def composed_specs() -> list[str]:
             specs.append(f"linear/{rule_name}")
             continue
         for phi in rb.names("feature_maps"):
-            specs.append(f"{phi}/{rule_name}")
+            specs.append(composition(phi, rule_name))
         for norm in rb.names("normalisations"):
             specs.append(f"linear/{rule_name}/{norm}")
             if rule_cls.supports_attn:
@@ -48,23 +61,10 @@ def composed_specs() -> list[str]:
 ALL_MEMORY_SPECS = list(dict.fromkeys(rb.names("memories") + composed_specs()))
 
 
-def has_no_op_write(spec: str) -> bool:
-    """Whether some write is known to leave the memory unchanged: β = 0 for a rule gated by β alone, v = 0
-    for an ungated one.
-
-    Not so for softmax or with the attention normaliser, which re-weight every earlier write; a rule with
-    other gates (a decay α) has no generic no-op write."""
-    mem = rb.memory(spec, d_key=4)
-    return isinstance(mem, rb.FastWeightMemory) and not mem.attn and set(mem.gates) <= {"beta"}
-
-
 def pytest_generate_tests(metafunc):
-    """A test that takes ``memory_spec`` runs once per entry of ``ALL_MEMORY_SPECS`` (timm-style contracts);
-    one that takes ``no_op_write_spec`` once per such memory that has a no-op write."""
+    """A test that takes ``memory_spec`` runs once per entry of ``ALL_MEMORY_SPECS`` (timm-style)."""
     if "memory_spec" in metafunc.fixturenames:
         metafunc.parametrize("memory_spec", ALL_MEMORY_SPECS)
-    if "no_op_write_spec" in metafunc.fixturenames:
-        metafunc.parametrize("no_op_write_spec", [s for s in ALL_MEMORY_SPECS if has_no_op_write(s)])
 
 
 @pytest.fixture(autouse=True)
@@ -111,5 +111,106 @@ def make_inputs():
 @pytest.fixture
 def scoped_registries():
     """Every global registry in a scope: names registered in the test vanish afterwards (lm-eval's _clear)."""
-    with ExitStack() as stack:
-        yield {kind: stack.enter_context(reg.scoped()) for kind, reg in rb.REGISTRIES.items()}
+    with _scoped_registries() as regs:
+        yield regs
+
+
+# ---- tiny experiments --------------------------------------------------------------------------------------
+
+#: The smallest experiment worth running: one capacity run with S = 4, two evaluations in 20 steps. A test
+#: changes what it needs (``TinyExperiments.raw``).
+TINY_EXPERIMENT: dict[str, Any] = {
+    "name": "tiny", "seeds": [1],
+    "task": {"name": "capacity", "num_keys": 4},
+    "model": {"memory": "linear/sum", "d_key": 8},
+    "train": {"eval_every": 10, "max_steps": 20},
+}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string for the plain names used here
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"tiny experiments write no {type(v).__name__} to TOML")
+
+
+def to_toml(raw: dict[str, Any]) -> str:
+    """An experiment dict as a TOML file's text: top-level values, then one table per section."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    text = "\n".join(lines) + "\n"
+    assert tomllib.loads(text) == raw, text  # what the CLI reads is what the test meant
+    return text
+
+
+class TinyExperiments:
+    """Tiny experiments as a dict, an ``Experiment``, or a TOML file in the test's folder.
+
+    Every method takes changes to ``TINY_EXPERIMENT``: a section's dict is merged into that section (a section
+    it lacks is added), any other value replaces the top-level key, e.g.
+    ``raw(seeds=[1, 2], task={"num_keys": [4, 6]}, train={"diagnostics": False})``.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def raw(self, **changes: Any) -> dict[str, Any]:
+        raw = copy.deepcopy(TINY_EXPERIMENT)
+        for key, value in changes.items():
+            if isinstance(value, dict) and isinstance(raw.get(key), dict):
+                raw[key].update(copy.deepcopy(value))
+            else:
+                raw[key] = copy.deepcopy(value)
+        return raw
+
+    def load(self, **changes: Any) -> Experiment:
+        return from_dict(self.raw(**changes))
+
+    def toml(self, **changes: Any) -> Path:
+        """Written to ``<tmp_path>/<name>.toml``."""
+        raw = self.raw(**changes)
+        path = self.folder / f"{raw['name']}.toml"
+        path.write_text(to_toml(raw))
+        return path
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path) -> TinyExperiments:
+    """Builds tiny experiments (``TinyExperiments``); TOML files go to the test's ``tmp_path``."""
+    return TinyExperiments(tmp_path)
+
+
+class RecordingExecutor(Executor):
+    """Wraps an executor and keeps the live-view events it reports: ``started`` and ``progress``."""
+
+    def __init__(self, inner: Executor):
+        self.inner, self.started, self.progress = inner, [], []
+
+    def run(self, configs, on_start=None, on_progress=None):
+        def start(ev):
+            self.started.append(ev)
+            if on_start:
+                on_start(ev)
+
+        def progress(ev):
+            self.progress.append(ev)
+            if on_progress:
+                on_progress(ev)
+
+        yield from self.inner.run(configs, start, progress)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def record_events():
+    """``record_events(executor)``: the executor, wrapped in a ``RecordingExecutor``."""
+    return RecordingExecutor

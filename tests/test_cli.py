@@ -9,26 +9,11 @@ from click.testing import CliRunner
 
 from retrieval_bench.cli import main
 
-TINY = """
-name = "tiny"
-seeds = [1]
-[task]
-name = "capacity"
-num_keys = [4, 6]
-[model]
-memory = ["linear/sum", "dpfp-1/delta"]
-d_key = 8
-[train]
-eval_every = 10
-max_steps = 20
-"""
-
 
 @pytest.fixture
-def tiny(tmp_path):
-    p = tmp_path / "tiny.toml"
-    p.write_text(TINY)
-    return p
+def tiny(tiny_experiment):
+    """Four runs (S = 4, 6 x linear/sum, dpfp-1/delta), diagnostics on: the whole pipeline."""
+    return tiny_experiment.toml(task={"num_keys": [4, 6]}, model={"memory": ["linear/sum", "dpfp-1/delta"]})
 
 
 def test_console_script_is_declared():

@@ -7,13 +7,10 @@ import pytest
 from retrieval_bench.config import ConfigError, RunConfig, from_dict, load, parse_value, shipped_experiments
 
 
-def base(**changes):
-    raw = {
-        "name": "t", "seeds": [1, 2],
-        "task": {"name": "capacity", "num_keys": [4, 8]},
-        "model": {"memory": ["linear/sum", "softmax"], "d_key": 8},
-        "train": {"max_steps": 20, "eval_every": 10},
-    }
+def base(tiny_experiment, **changes):
+    """Eight runs (S = 4, 8 x linear/sum, softmax x seeds 1, 2), changed by ``section__field=value`` or
+    ``key=value``."""
+    raw = tiny_experiment.raw(seeds=[1, 2], task={"num_keys": [4, 8]}, model={"memory": ["linear/sum", "softmax"]})
     for path, val in changes.items():
         sec, _, key = path.partition("__")
         if key:
@@ -23,27 +20,27 @@ def base(**changes):
     return raw
 
 
-def test_expand_is_the_product_of_list_leaves_times_seeds():
-    runs = from_dict(base()).expand()
+def test_expand_is_the_product_of_list_leaves_times_seeds(tiny_experiment):
+    runs = from_dict(base(tiny_experiment)).expand()
     assert len(runs) == 2 * 2 * 2
     combos = {(r.task.kwargs()["num_keys"], r.model.memory, r.seed) for r in runs}
     assert combos == {(s, m, seed) for s in (4, 8) for m in ("linear/sum", "softmax") for seed in (1, 2)}
     assert len({r.run_id for r in runs}) == len(runs)
 
 
-def test_run_id_is_canonical_and_round_trips():
-    a = from_dict(base()).expand()
-    b = from_dict(base()).expand()
+def test_run_id_is_canonical_and_round_trips(tiny_experiment):
+    a = from_dict(base(tiny_experiment)).expand()
+    b = from_dict(base(tiny_experiment)).expand()
     assert [r.run_id for r in a] == [r.run_id for r in b]
     r = a[0]
     assert RunConfig.from_dict(r.to_dict()) == r
     assert RunConfig.from_dict(r.to_dict()).run_id == r.run_id
-    changed = from_dict(base(train__lr=2e-3)).expand()[0]
+    changed = from_dict(base(tiny_experiment, train__lr=2e-3)).expand()[0]
     assert changed.run_id != r.run_id
 
 
-def test_override_applies_to_one_memory_only():
-    raw = base()
+def test_override_applies_to_one_memory_only(tiny_experiment):
+    raw = base(tiny_experiment)
     raw["override"] = [{"memory": "softmax", "train": {"lr": 1e-4, "batch_size": 128}}]
     runs = from_dict(raw).expand()
     for r in runs:
@@ -53,8 +50,9 @@ def test_override_applies_to_one_memory_only():
             assert (r.train.lr, r.train.batch_size) == (1e-3, 32)
 
 
-def test_set_overrides_and_makes_axes():
-    exp = from_dict(base(), sets=("task.num_keys=[4, 6, 8]", "model.memory=dpfp-1/delta", "train.lr=0.01"))
+def test_set_overrides_and_makes_axes(tiny_experiment):
+    sets = ("task.num_keys=[4, 6, 8]", "model.memory=dpfp-1/delta", "train.lr=0.01")
+    exp = from_dict(base(tiny_experiment), sets=sets)
     runs = exp.expand()
     assert {r.task.kwargs()["num_keys"] for r in runs} == {4, 6, 8}
     assert {r.model.memory for r in runs} == {"dpfp-1/delta"}
@@ -78,14 +76,14 @@ def test_set_overrides_and_makes_axes():
     ({"seeds": []}, "seeds"),
     ({"trian": {}}, "trian"),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
-def test_bad_input_names_the_field(changes, field):
+def test_bad_input_names_the_field(changes, field, tiny_experiment):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        from_dict(base(**changes))
+        from_dict(base(tiny_experiment, **changes))
 
 
-def test_misspelt_memory_suggests_close_match():
+def test_misspelt_memory_suggests_close_match(tiny_experiment):
     with pytest.raises(ConfigError, match="did you mean 'softmax'"):
-        from_dict(base(model__memory="softmx"))
+        from_dict(base(tiny_experiment, model__memory="softmx"))
 
 
 def test_malformed_and_missing_files(tmp_path):

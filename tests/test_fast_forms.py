@@ -8,7 +8,10 @@ difference of large terms, no float32 form meets a relative bound, so the float3
 times the reference loop's own float32 error, measured against the same loop in float64. (At L = 1 the
 attention normaliser makes the read scale-invariant up to eps, so the key gradients are nothing but such
 cancellation, in float64 too: the memory-level comparison starts at L = 2; the rules' forms are checked at
-L = 1 below.)
+L = 1 below.) Forms with hand-written backwards also pass ``gradcheck`` in float64.
+
+Every registered memory also meets the contract (float64 forward == reference at L up to 37, and more):
+test_contract.py.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from retrieval_bench.memories.normalisations import (
     sum_norm,
     sum_norm_reference,
 )
-from retrieval_bench.memories.reference import reference_loop
 from retrieval_bench.memories.rules import DeltaRule, FWMRule, delta_query_backward
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -75,7 +77,7 @@ def inputs(b, l, k, v, q, dtype, key_scale=1.0):
 SPECS = [
     ("softmax", 1.0), ("dpfp-1/sum", 1.0), ("dpfp-3/sum", 1.0), ("linear/sum/sum", 1.0),
     ("linear/sum/none", 1.0), ("favor-8/sum", 0.5), ("dpfp-1/delta", 1.0), ("dpfp-2/delta", 1.0),
-    ("linear/delta", 1.0),
+    ("linear/delta", 1.0), ("linear/sum", 1.0), ("linear/delta/sum+attn", 1.0), ("dpfp-1/delta/l2", 1.0),
     ("dpfp-2/delta/sum+attn", 1.0), ("linear/delta/attn", 1.0), ("linear/delta/l2", 1.0),
     ("identity/delta/none", 0.15), ("favor-8/delta", 0.5), ("tanh/fwm", 1.0), ("dpfp-1/fwm", 1.0),
 ]
@@ -111,16 +113,62 @@ def test_training_form_equals_reference_loop(spec, key_scale, l, dtype):
             assert_rel(f, r, RTOL[dtype], name, e)
 
 
-@pytest.mark.parametrize("spec", ["dpfp-1/delta", "linear/delta/sum+attn", "linear/delta/l2", "tanh/fwm"])
+EVAL_SPECS = ["linear/delta", "dpfp-1/delta", "linear/delta/sum+attn", "linear/delta/l2", "dpfp-2/delta/l2",
+              "identity/delta/l2", "tanh/fwm"]
+
+
+@pytest.mark.parametrize("spec", EVAL_SPECS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_evaluation_form_equals_reference_loop(spec, dtype):
-    """Under no_grad with more queries than values the delta rule builds W chunkwise instead."""
+    """Under no_grad with more queries than values the delta rule builds W chunkwise instead (two chunks of
+    64 here); and each query read alone (the training form's path) agrees too."""
     mem = rb.memory(spec, d_key=8)
     keys, values, betas, queries = (x.detach() for x in inputs(3, 100, 8, 4, 9, dtype))
     with torch.no_grad():
         y = mem(keys, values, betas, queries)
         y_ref = mem.reference(keys, values, betas, queries)
-    assert_rel(y, y_ref, RTOL[dtype])
+        y_one = torch.cat([mem(keys, values, betas, queries[:, i : i + 1]) for i in range(9)], 1)
+    assert_rel(y, y_ref, RTOL[dtype], "all queries at once")
+    assert_rel(y_one, y_ref, RTOL[dtype], "one query at a time")
+
+
+@pytest.mark.parametrize(
+    "spec,l",
+    [("linear/delta", 5), ("linear/delta/sum+attn", 5), ("dpfp-1/delta/l2", 5), ("linear/sum", 5),
+     ("linear/delta", 19), ("linear/delta/attn", 19)],
+    ids=lambda p: f"L{p}" if isinstance(p, int) else p,
+)
+def test_gradcheck_fast_form(spec, l, make_inputs):
+    mem = rb.memory(spec, d_key=3)
+    inputs = make_inputs(1, l, 3, 2, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *x: mem(*x), inputs, eps=1e-6, atol=1e-6)
+
+
+def test_fwm_fast_form_allows_a_second_backward(make_inputs):
+    mem = rb.memory("tanh/fwm", d_key=3)
+    keys, values, betas, queries = make_inputs(1, 5, 3, 2, 2)
+    y = mem(keys, values, betas, queries)
+    (g0,) = torch.autograd.grad(y[0, 0, 0], keys, retain_graph=True)
+    (g1,) = torch.autograd.grad(y[0, 1, 0], keys)
+    y_ref = mem.reference(keys, values, betas, queries)
+    torch.testing.assert_close(g1, torch.autograd.grad(y_ref[0, 1, 0], keys)[0], atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda *x: mem(*x), (keys, values, betas, queries))
+
+
+@pytest.mark.parametrize("attn", [False, True], ids=["plain", "attn"])
+def test_gradcheck_delta_rule_on_features(attn):
+    # The rule's own training form on given (positive, sum-normalised) features, without φ in between.
+    k = sum_norm(torch.rand(1, 5, 3, dtype=torch.float64) + 0.1).requires_grad_()
+    v = torch.randn(1, 5, 2, dtype=torch.float64, requires_grad=True)
+    beta = torch.rand(1, 5, dtype=torch.float64).requires_grad_()
+    q = sum_norm(torch.rand(1, 2, 3, dtype=torch.float64) + 0.1).requires_grad_()
+    rule = DeltaRule()
+
+    def fast(k, v, b, q):
+        return rule.forward(k, v, q, {"beta": b}, attn)
+
+    assert torch.autograd.gradcheck(fast, (k, v, beta, q))
+
 
 
 # ---------------------------------------------------------------------------------------------------- delta
@@ -301,15 +349,6 @@ def test_fwm_gradcheck():
     v = torch.randn(1, 5, 2, dtype=torch.float64, requires_grad=True)
     beta = torch.rand(1, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fwm_state, (a, v, beta))
-
-
-def test_fwm_reference_loop_matches_rule_forward_with_layer_norm_read():
-    mem = rb.memory("tanh/fwm", d_key=4)
-    keys, values, betas, queries = inputs(2, 20, 4, 3, 2, torch.float64)
-    y = mem(keys, values, betas, queries)
-    k, q = mem.features(keys, queries)
-    y_ref = reference_loop(mem.rule, k, values, q, {"beta": betas}, False)[0]
-    assert_rel(y, y_ref, 1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------- key norms

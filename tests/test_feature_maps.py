@@ -1,4 +1,4 @@
-"""Feature maps φ: what each map means (PAPER §1.6), not only its shape."""
+"""Feature maps φ: what each map means (PAPER §1.6), not only its shape; FAVOR+'s redraws and its kernel read."""
 
 from __future__ import annotations
 
@@ -10,53 +10,18 @@ import torch
 import retrieval_bench as rb
 from retrieval_bench.feature_maps import orthogonal_random_matrix
 from retrieval_bench.memories.normalisations import sum_norm
+from retrieval_bench.memories.rules import SumRule
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10, rtol=1e-10)}
 
 
-def _all_feature_maps() -> list[str]:
-    """Every registered map by its bare name (parametrised maps take their default parameter)."""
-    return rb.names("feature_maps") + ["dpfp-2", "dpfp-3", "favor-8"]
+def _grads(y, inputs, cotangent):
+    """Gradients of <y, cotangent> w.r.t. each input (None where the input does not enter)."""
+    return torch.autograd.grad(y, inputs, cotangent, allow_unused=True)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Contracts over every registered feature map
-# ------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", _all_feature_maps())
-@pytest.mark.parametrize("d_key", [4, 7], ids=["K4", "K7"])
-def test_shape_matches_dim_and_sign_matches_declaration(name, d_key):
-    fm = rb.feature_map(name)
-    assert isinstance(fm, rb.FeatureMap)
-    x = 2 * torch.randn(3, 5, d_key)
-    fm.begin_call(d_key)
-    phi = fm(x)
-    assert phi.shape == (3, 5, fm.dim(d_key))
-    assert torch.isfinite(phi).all()
-    if fm.non_negative:
-        assert (phi >= 0).all(), f"{name} declares non-negative features"
-    else:
-        assert (phi < 0).any(), f"{name} declares signed features but gave none"
-
-
-@pytest.mark.parametrize("name", _all_feature_maps())
-def test_parameter_free_maps_are_deterministic_and_elementwise_over_batch(name):
-    fm = rb.feature_map(name, **({"redraw": "fixed"} if name.startswith("favor") else {}))
-    x = torch.randn(4, 5)
-    fm.begin_call(5)
-    full = fm(x)
-    torch.testing.assert_close(fm(x[2:3]), full[2:3], atol=1e-6, rtol=1e-6)  # rows are mapped independently
-    torch.testing.assert_close(fm(x), full, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("name", _all_feature_maps())
-def test_gradcheck_every_feature_map(name):
-    """Maps may carry hand-written backwards; the memories' parity tests push both forms through the same φ,
-    so φ's own gradient is checked here."""
-    fm = rb.feature_map(name, **({"redraw": "fixed"} if name.startswith("favor") else {}))
-    x = torch.randn(2, 3, 4, dtype=torch.float64)
-    x = (x + 0.2 * x.sign()).requires_grad_()  # away from relu's kink at 0
-    fm.begin_call(4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(fm, (x,))
+# Shape against dim(), the declared sign, rows mapped alone and gradcheck hold for every registered map: the
+# contract, tests/test_contract.py. Here: what each map means.
 
 
 def test_elu_plus_one_is_positive_and_tanh_can_be_negative():
@@ -248,3 +213,94 @@ def test_orthogonal_random_matrix_blocks_are_orthogonal_with_chi_norms():
     # the column norms are chi_d-distributed, not all 1 (so not merely an orthonormal basis)
     norms = omega.norm(dim=0)
     assert norms.std() > 0.05
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FAVOR+ in a memory: redraws, and the kernel read of the sum rule
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_favor_fixed_policy_gives_equal_results(make_inputs):
+    mem = rb.memory("favor-8/sum", d_key=4, redraw="fixed")
+    inputs = make_inputs(2, 5, 4, 3, 2)
+    y1 = mem(*inputs)
+    omega = mem.phi.omega.clone()
+    y2, y_ref = mem(*inputs), mem.reference(*inputs)
+    torch.testing.assert_close(mem.phi.omega, omega, atol=0, rtol=0)
+    torch.testing.assert_close(y1, y2, atol=0, rtol=0)
+    torch.testing.assert_close(y1, y_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_favor_call_policy_draws_new_omega_every_call(make_inputs):
+    mem = rb.memory("favor-8/sum", d_key=4)
+    assert mem.phi.policy == "call"
+    inputs = make_inputs(2, 5, 4, 3, 2)
+    y1 = mem(*inputs)
+    omega1 = mem.phi.omega.clone()
+    y2 = mem(*inputs)
+    omega2 = mem.phi.omega.clone()
+    assert omega1.shape == omega2.shape == (4, 8)
+    assert not torch.allclose(omega1, omega2)
+    assert not torch.allclose(y1, y2)
+    # and the reference loop, run after one more redraw, agrees with forward under that same Ω
+    mem.phi.policy = "fixed"
+    torch.testing.assert_close(mem(*inputs), mem.reference(*inputs), atol=1e-10, rtol=1e-10)
+
+
+def _assert_close_relative(a, b, dtype, what=""):
+    """a == b to TOL, relative to b's largest entry: outputs and gradients far below 1 are compared too."""
+    unit = b.abs().max().clamp_min(torch.finfo(dtype).tiny)
+    torch.testing.assert_close(a / unit, b / unit, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+# FAVOR+ with the sum rule and no key normalisation reads one query through its kernel φ(k)·φ(q), without
+# features. Larger keys and queries move the exponents down (float64 only at scale 6, where float32 features
+# underflow and its reference is 0), as at large S in training.
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1.0), (torch.float32, 2.5), (torch.float64, 1.0),
+                                         (torch.float64, 2.5), (torch.float64, 6.0)],
+                         ids=["f32-x1", "f32-x2.5", "f64-x1", "f64-x2.5", "f64-x6"])
+@pytest.mark.parametrize("spec", ["favor-16/sum", "favor-16/sum/none"])
+@pytest.mark.parametrize("block", [None, 80], ids=["one-block", "blocks-of-5-rows"])  # 5 does not divide 3·41
+def test_favor_kernel_read_matches_reference(spec, scale, block, dtype, build_memory, make_inputs, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(rb.feature_maps, "KERNEL_BLOCK", block)
+    calls = []
+    kernel = rb.feature_maps._FavorKernel.apply
+    monkeypatch.setattr(rb.feature_maps._FavorKernel, "apply", lambda *a: calls.append(1) or kernel(*a))
+    mem = build_memory(spec, d_key=8)
+    keys, values, betas, queries = make_inputs(3, 41, 8, 5, 1, dtype=dtype, requires_grad=False)
+    inputs = tuple(t.requires_grad_() for t in (scale * keys, values, betas, scale * queries))
+    y = mem(*inputs)
+    assert len(calls) == 1, "one query per sequence must take the kernel path"
+    y_ref = mem.reference(*inputs)
+    assert len(calls) == 1 and y_ref.abs().max() > 0
+    _assert_close_relative(y, y_ref, dtype, "y")
+    cot = torch.randn_like(y)
+    for name, g, g_ref in zip(("keys", "values", "queries"), _grads(y, inputs[:2] + inputs[3:], cot),
+                              _grads(y_ref, inputs[:2] + inputs[3:], cot), strict=True):
+        _assert_close_relative(g, g_ref, dtype, f"d/d{name}")
+
+
+def test_favor_kernel_gradcheck(build_memory, make_inputs):
+    mem = build_memory("favor-4/sum", d_key=3)
+    keys, values, betas, queries = make_inputs(2, 6, 3, 2, 1)
+    assert torch.autograd.gradcheck(lambda k, v, q: mem(k, v, None, q), (keys, values, queries))
+
+
+def test_kernel_read_only_where_the_rule_reads_scores(build_memory):
+    assert not build_memory("favor-8/sum/sum")._scores_read  # a key normalisation needs the features
+    assert not build_memory("favor-8/delta")._scores_read
+
+    class Redefined(SumRule):  # a plugin rule that changes the read must not be bypassed by the kernel
+        def forward(self, k, v, q, gates, attn):
+            return 2 * super().forward(k, v, q, gates, attn)
+
+    mem = rb.memories.FastWeightMemory(rb.feature_map("favor-4"), Redefined(), "none", True)
+    assert not mem._scores_read
+
+    class Halved(rb.feature_maps.FavorPlus):  # nor a plugin map that changes the features
+        def forward(self, x):
+            return super().forward(x / 2)
+
+    assert not rb.memories.FastWeightMemory(Halved(4), SumRule(), "none", True)._scores_read
+    assert rb.memories.FastWeightMemory(rb.feature_map("favor-4"), SumRule(), "none", True)._scores_read

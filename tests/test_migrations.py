@@ -107,6 +107,8 @@ def test_a_0_2_1_store_migrates_keeping_every_run_and_its_records(old_store):
             _rows(old_store, f"SELECT count(*) FROM diagnostics WHERE run_id = '{new_id}'")[0][0])
     assert not _rows(old_store, "SELECT count(*) FROM curves WHERE run_id NOT IN (SELECT run_id FROM runs)")[0][0]
     assert all(i for (i,) in _rows(old_store, "SELECT identity FROM runs"))
+    assert set(_rows(old_store, "SELECT family FROM runs")) == {("retrieval",)}
+    assert not _rows(old_store, "SELECT * FROM runs WHERE lr IS NULL")
     # the backup beside it is the store as it was
     backup = Path(store.migration["backup"])
     assert backup.parent == old_store.parent
@@ -178,6 +180,31 @@ def test_changed_defaults_recompute_the_ids(old_store):
     con.close()
     assert Store(old_store).migration["changed"] == len(ids)
     assert sorted(r for (r,) in _rows(old_store, "SELECT run_id FROM runs")) == ids
+
+
+def test_a_setting_added_with_a_default_needs_no_upgrade(old_store):
+    Store(old_store)
+    meta = json.loads(dict(_rows(old_store, "SELECT key, value FROM meta"))["identity"])
+    del meta["TrainConfig"]["stop_acc"]  # as written by a version before that setting
+    con = sqlite3.connect(old_store)
+    with con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'identity'", (json.dumps(meta),))
+    con.close()
+    ids = _rows(old_store, "SELECT run_id FROM runs ORDER BY run_id")
+    assert Store(old_store).migration is None and len(list(old_store.parent.glob("*.bak*"))) == 1
+    assert dict(_rows(old_store, "SELECT key, value FROM meta"))["identity"] == fingerprint()
+    assert _rows(old_store, "SELECT run_id FROM runs ORDER BY run_id") == ids
+
+
+def test_a_changed_default_recomputes_the_ids(old_store):
+    Store(old_store)
+    meta = json.loads(dict(_rows(old_store, "SELECT key, value FROM meta"))["identity"])
+    meta["TrainConfig"]["patience"] = "10"  # as written by a version whose default patience was 10
+    con = sqlite3.connect(old_store)
+    with con:
+        con.execute("UPDATE meta SET value = ? WHERE key = 'identity'", (json.dumps(meta),))
+    con.close()
+    assert Store(old_store).migration is not None and len(list(old_store.parent.glob("*.bak*"))) == 2
 
 
 def test_two_processes_opening_an_old_store_migrate_it_once(old_store):

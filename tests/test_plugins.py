@@ -85,25 +85,14 @@ def test_model_makes_one_gate_per_declared_name(plugins):
 
 # ---- an experiment, end to end -----------------------------------------------------------------------------
 
-TINY = """
-name = "plugin-tiny"
-seeds = [1]
-[task]
-name = "{task}"
-num_keys = [4]
-[model]
-memory = {memories}
-d_key = 8
-[train]
-batch_size = 8
-eval_every = 5
-max_steps = 10
-"""
+def _plugin_tiny(task: str, memories: list[str]) -> dict:
+    """Changes to the tiny experiment: one seed of S = 4 on ``task`` per memory, 10 steps of batch 8."""
+    return dict(name="plugin-tiny", task={"name": task}, model={"memory": memories},
+                train={"batch_size": 8, "eval_every": 5, "max_steps": 10})
 
 
-def test_cli_runs_an_experiment_naming_a_plugin_rule(plugins, tmp_path):
-    toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY.format(task="capacity", memories='["dpfp-1/fake", "fakemap/delta"]'))
+def test_cli_runs_an_experiment_naming_a_plugin_rule(plugins, tmp_path, tiny_experiment):
+    toml = tiny_experiment.toml(**_plugin_tiny("capacity", ["dpfp-1/fake", "fakemap/delta"]))
     db = tmp_path / "r.db"
     result = CliRunner().invoke(main, ["run", str(toml), "--store", str(db), "--workers", "1", "--no-report"])
     assert result.exit_code == 0, result.output
@@ -113,10 +102,8 @@ def test_cli_runs_an_experiment_naming_a_plugin_rule(plugins, tmp_path):
     assert set(runs["d_dot"]) == {16}
 
 
-def test_sweep_runs_a_plugin_memory_on_a_plugin_task(plugins, tmp_path):
-    import tomllib
-
-    exp = from_dict(tomllib.loads(TINY.format(task="fake-task", memories='["fake-mem"]')))
+def test_sweep_runs_a_plugin_memory_on_a_plugin_task(plugins, tmp_path, tiny_experiment):
+    exp = tiny_experiment.load(**_plugin_tiny("fake-task", ["fake-mem"]))
     st = Store(tmp_path / "r.db")
     state = run_sweep(exp, st, InlineExecutor(threads=1), live=False)
     assert state.done == 1 and state.failed == 0
@@ -136,7 +123,8 @@ def test_list_shows_plugins_with_their_origin(plugins):
 
 # ---- failures name who to blame ----------------------------------------------------------------------------
 
-def test_broken_plugin_fails_only_when_asked_for_naming_its_distribution(scoped_registries, tmp_path):
+def test_broken_plugin_fails_only_when_asked_for_naming_its_distribution(scoped_registries, tmp_path,
+                                                                        tiny_experiment):
     _add("update_rules", "broken", "no_such_module_for_plugin_tests:Rule", "broken-dist")
     # listing, other rules, and the CLI's list do not import it
     assert "broken" in rb.names("update_rules")
@@ -148,11 +136,10 @@ def test_broken_plugin_fails_only_when_asked_for_naming_its_distribution(scoped_
         rb.memory("linear/broken", d_key=4)
     assert "no_such_module_for_plugin_tests" in str(info.value) and "'broken'" in str(info.value)
     with pytest.raises(ConfigError, match="broken-dist"):
-        from_dict({"name": "x", "task": {"num_keys": 4}, "model": {"memory": "linear/broken"}})
+        from_dict(tiny_experiment.raw(model={"memory": "linear/broken"}))
     with pytest.raises(AssertionError, match="broken-dist"):
         check_update_rule("broken")
-    toml = tmp_path / "broken.toml"
-    toml.write_text(TINY.format(task="capacity", memories='["linear/broken"]'))
+    toml = tiny_experiment.toml(**_plugin_tiny("capacity", ["linear/broken"]))
     ran = CliRunner().invoke(main, ["run", str(toml), "--store", str(tmp_path / "r.db"), "--workers", "1",
                                     "--no-report"])
     assert ran.exit_code != 0 and "broken-dist" in ran.output

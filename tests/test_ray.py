@@ -1,7 +1,8 @@
 """The Ray executor (DESIGN §6): same results as the local executor, a killed worker costs at most its run.
 
-One local Ray instance (2 CPUs) serves the whole module. The tests that need Ray skip where it is not
-installed (CI installs the ``ray`` extra); the one about the missing-Ray message runs everywhere.
+One local Ray instance (2 CPUs) serves the whole module. The tests that start it are marked ``slow`` (its start
+alone takes ~5 s) and skip where Ray is not installed (CI installs the ``ray`` extra); the one about the
+missing-Ray message runs everywhere.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from retrieval_bench.cli import main
-from retrieval_bench.config import from_dict
-from retrieval_bench.executors import Executor, InlineExecutor, execute
+from retrieval_bench.executors import InlineExecutor, execute
 from retrieval_bench.store import Store
 from retrieval_bench.sweep import run_sweep
 
-TINY = {
-    "name": "ray-tiny", "seeds": [1, 2],
-    "task": {"name": "capacity", "num_keys": [4, 6]},
-    "model": {"memory": ["linear/sum", "softmax"], "d_key": 8},
-    "train": {"max_steps": 60, "eval_every": 20, "diagnostics": False, "batch_size": 8},
-}
+
+def ray_tiny(**train) -> dict:
+    """Changes to the tiny experiment: 8 runs (S = 4, 6 x linear/sum, softmax x seeds 1, 2), batch 8, 60 steps
+    with an evaluation every 20, no diagnostics; ``train`` changes more."""
+    return dict(name="ray-tiny", seeds=[1, 2], task={"num_keys": [4, 6]}, model={"memory": ["linear/sum", "softmax"]},
+                train={"max_steps": 60, "eval_every": 20, "diagnostics": False, "batch_size": 8, **train})
 
 
 @pytest.fixture(scope="module")
@@ -48,34 +48,15 @@ def _runs(store):
     return store.load("runs").set_index("run_id")
 
 
-class _Recording(Executor):
-    """Wraps an executor and keeps the live-view events it reports."""
-
-    def __init__(self, inner):
-        self.inner, self.started, self.progress = inner, [], []
-
-    def run(self, configs, on_start=None, on_progress=None):
-        def start(ev):
-            self.started.append(ev)
-            if on_start:
-                on_start(ev)
-
-        def progress(ev):
-            self.progress.append(ev)
-            if on_progress:
-                on_progress(ev)
-
-        yield from self.inner.run(configs, start, progress)
-
-
-def test_ray_matches_local_and_resumes(ray_session, tmp_path):
+@pytest.mark.slow
+def test_ray_matches_local_and_resumes(ray_session, tmp_path, tiny_experiment, record_events):
     from retrieval_bench.ray_executor import RayExecutor
 
-    exp = from_dict(TINY)
+    exp = tiny_experiment.load(**ray_tiny())
     local = Store(tmp_path / "local.db")
     _sweep(exp, local, InlineExecutor(threads=1))
     ex = RayExecutor(threads_per_run=1)
-    rec = _Recording(ex)
+    rec = record_events(ex)
     remote = Store(tmp_path / "ray.db")
     state = _sweep(exp, remote, rec)
     assert (state.done, state.failed, state.total) == (8, 0, 8)
@@ -126,11 +107,11 @@ def _dying_job(marker_dir: str, die_once: str, die_always: str, raises: str):
     return job
 
 
-def test_killed_worker_is_retried_or_stored_failed(ray_session, tmp_path):
+@pytest.mark.slow
+def test_killed_worker_is_retried_or_stored_failed(ray_session, tmp_path, tiny_experiment):
     from retrieval_bench.ray_executor import RayExecutor
 
-    exp = from_dict({**TINY, "model": {"memory": "linear/sum", "d_key": 8},
-                     "train": {**TINY["train"], "max_steps": 20}})
+    exp = tiny_experiment.load(**{**ray_tiny(max_steps=20), "model": {"memory": "linear/sum"}})
     ids = [r.run_id for r in exp.expand()]
     assert len(ids) == 4
     once, always, raises = ids[0], ids[1], ids[2]
@@ -153,11 +134,9 @@ def test_killed_worker_is_retried_or_stored_failed(ray_session, tmp_path):
     assert (_runs(store)["status"] == "done").all()
 
 
-def test_cli_runs_a_sweep_on_ray(ray_session, tmp_path):
-    toml = tmp_path / "exp.toml"
-    toml.write_text('name = "ray-cli"\nseeds = [1, 2]\n[task]\nname = "capacity"\nnum_keys = 4\n'
-                    '[model]\nmemory = "linear/sum"\nd_key = 8\n'
-                    '[train]\nmax_steps = 20\neval_every = 10\ndiagnostics = false\nbatch_size = 8\n')
+@pytest.mark.slow
+def test_cli_runs_a_sweep_on_ray(ray_session, tmp_path, tiny_experiment):
+    toml = tiny_experiment.toml(name="ray-cli", seeds=[1, 2], train={"diagnostics": False, "batch_size": 8})
     db = tmp_path / "cli.db"
     args = ["run", str(toml), "--executor", "ray", "--cpus-per-run", "1", "--store", str(db), "--no-report"]
     result = CliRunner().invoke(main, args)

@@ -12,6 +12,7 @@ from retrieval_bench import registry
 from retrieval_bench.feature_maps import Tanh
 from retrieval_bench.memories import MemorySpec
 from retrieval_bench.registry import Registry, RegistryError, split_param
+from retrieval_bench.testing import scoped_registries
 
 # ------------------------------------------------------------------------------------------------------------
 # Unknown names
@@ -178,22 +179,30 @@ def test_scoped_registration_vanishes_afterwards():
         rb.feature_map("double")
 
 
+class _Echo(rb.Memory):
+    def state_size(self, d_key, d_value, seq_len):
+        return d_value
+
+    def forward(self, keys, values, betas=None, queries=None, **gates):
+        return values[:, -1:].expand(-1, queries.shape[1], -1)
+
+
 def test_scoped_registries_fixture_isolates_a_registered_memory(scoped_registries):
-    @scoped_registries["memories"].register("echo")
-    class Echo(rb.Memory):
-        def state_size(self, d_key, d_value, seq_len):
-            return d_value
-
-        def forward(self, keys, values, betas=None, queries=None, **gates):
-            return values[:, -1:].expand(-1, queries.shape[1], -1)
-
+    scoped_registries["memories"].register("echo")(_Echo)
     assert "echo" in rb.names("memories")
-    assert isinstance(rb.memory("echo"), Echo)
+    assert isinstance(rb.memory("echo"), _Echo)
 
 
-def test_the_scoped_memory_is_gone():
-    # runs after the previous test: the fixture's scope must have removed "echo"
-    assert "echo" not in rb.names("memories")
+def test_scoped_registries_remove_what_was_registered_inside_and_keep_the_rest():
+    """What the fixture above does on teardown, in one test (runs alone or in any order)."""
+    before = {kind: rb.names(kind) for kind in rb.REGISTRIES}
+    with scoped_registries() as regs:
+        assert set(regs) == set(rb.REGISTRIES)
+        regs["memories"].register("echo")(_Echo)
+        regs["feature_maps"].register("echo-map", Tanh)
+        assert "echo" in rb.names("memories") and "echo-map" in rb.names("feature_maps")
+    assert "echo" not in rb.names("memories") and "echo-map" not in rb.names("feature_maps")
+    assert {kind: rb.names(kind) for kind in rb.REGISTRIES} == before
 
 
 def test_same_name_from_two_origins_errors_naming_both():

@@ -1,4 +1,9 @@
-"""Sweeps: resume skips stored runs; a driver killed mid-way loses no finished run and completes later."""
+"""Sweeps: resume skips stored runs; the process pool gives the inline numbers; a driver killed mid-way loses no
+finished run and completes later, and leaves no process behind.
+
+The tests whose workers or driver die, and which wait for the processes to go, are marked ``slow`` (5-25 s each
+on two busy cores): ``python -m pytest -q -m slow``.
+"""
 
 from __future__ import annotations
 
@@ -12,38 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from retrieval_bench.config import from_dict
 from retrieval_bench.executors import InlineExecutor, LocalExecutor
 from retrieval_bench.store import Store
 from retrieval_bench.sweep import run_sweep
 
-TINY = """
-name = "tiny"
-seeds = [1, 2]
-[task]
-name = "capacity"
-num_keys = [4, 6]
-[model]
-memory = ["linear/sum", "softmax"]
-d_key = 8
-[train]
-eval_every = 10
-max_steps = {steps}
-stop_loss = 0.0
-patience = 100
-diagnostics = false
-"""
+
+def sweep(steps: int) -> dict:
+    """Changes to the tiny experiment: 8 runs (S = 4, 6 x linear/sum, softmax x seeds 1, 2) of ``steps`` steps
+    each, none stopping early, no diagnostics."""
+    return dict(seeds=[1, 2], task={"num_keys": [4, 6]}, model={"memory": ["linear/sum", "softmax"]},
+                train={"eval_every": 10, "max_steps": steps, "stop_loss": 0.0, "patience": 100,
+                       "diagnostics": False})
 
 
-def experiment(steps=30):
-    import tomllib
-
-    return from_dict(tomllib.loads(TINY.format(steps=steps)))
-
-
-def test_resume_skips_finished_runs(tmp_path):
+def test_resume_skips_finished_runs(tmp_path, tiny_experiment):
     st = Store(tmp_path / "r.db")
-    exp = experiment()
+    exp = tiny_experiment.load(**sweep(30))
     first = run_sweep(exp, st, InlineExecutor(threads=1), live=False)
     assert first.done == 8 and first.skipped == 0
     again = run_sweep(exp, st, InlineExecutor(threads=1), live=False)
@@ -52,26 +41,21 @@ def test_resume_skips_finished_runs(tmp_path):
     assert rerun.done == 8 and len(st.load("runs")) == 8
 
 
-def test_process_pool_gives_the_same_numbers_as_inline(tmp_path):
-    exp = experiment(steps=20)
+def test_process_pool_gives_the_same_numbers_as_inline_and_reports_progress(tmp_path, tiny_experiment,
+                                                                             record_events):
+    exp = tiny_experiment.load(**sweep(20))
     a, b = Store(tmp_path / "a.db"), Store(tmp_path / "b.db")
     run_sweep(exp, a, InlineExecutor(threads=1), live=False)
-    run_sweep(exp, b, LocalExecutor(workers=2), live=False)
+    pool = record_events(LocalExecutor(workers=2))
+    run_sweep(exp, b, pool, live=False)
     fa = a.load("runs").set_index("run_id")["final_loss"].sort_index()
     fb = b.load("runs").set_index("run_id")["final_loss"].sort_index()
     assert fa.index.equals(fb.index) and (fa == fb).all()
-
-
-def test_pool_workers_report_progress_for_every_run(tmp_path):
-    exp = experiment(steps=20)
-    runs = exp.expand()
-    started, progress = [], []
-    results = list(LocalExecutor(workers=2).run([r.to_dict() for r in runs], started.append, progress.append))
-    ids = {r.run_id for r in runs}
-    assert {res["row"]["run_id"] for res in results} == ids
-    assert {e["run_id"] for e in started} == ids
+    ids = {r.run_id for r in exp.expand()}
+    assert set(fb.index) == ids
+    assert {e["run_id"] for e in pool.started} == ids
     # each run's evaluations (every 10 steps) reach the driver from the worker that trained it
-    assert {(e["run_id"], e["step"]) for e in progress} == {(i, s) for i in ids for s in (10, 20)}
+    assert {(e["run_id"], e["step"]) for e in pool.progress} == {(i, s) for i in ids for s in (10, 20)}
 
 
 def _dying_job(cfg, progress_queue=None):
@@ -90,8 +74,9 @@ def _dying_job(cfg, progress_queue=None):
     return execute(cfg, progress_queue)
 
 
-def test_dead_worker_fails_only_its_own_run(tmp_path, monkeypatch):
-    exp = experiment(steps=20)
+@pytest.mark.slow
+def test_dead_worker_fails_only_its_own_run(tmp_path, monkeypatch, tiny_experiment):
+    exp = tiny_experiment.load(**sweep(20))
     ids = [r.run_id for r in exp.expand()]
     once, always = ids[0], ids[1]  # started together on two workers, so each breaks a pool the other shares
     monkeypatch.setenv("RB_TEST_DIE_ONCE", once)
@@ -125,9 +110,9 @@ def _count(db: Path) -> int:
         con.close()
 
 
-def test_killed_driver_loses_no_finished_run_and_completes_without_duplicates(tmp_path):
-    toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY.format(steps=150))
+@pytest.mark.slow
+def test_killed_driver_loses_no_finished_run_and_completes_without_duplicates(tmp_path, tiny_experiment):
+    toml = tiny_experiment.toml(**sweep(150))
     db = tmp_path / "r.db"
     cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(db), "--workers", "1",
            "--no-report"]
@@ -170,22 +155,26 @@ def _group_alive(pgid: int) -> list[int]:
     return [pid for pid, state, _, pgrp, _ in _processes() if pgrp == pgid and state != "Z"]
 
 
-def _pool_sweep(tmp_path, steps: int, stderr) -> tuple[subprocess.Popen, Path]:
-    """Start a two-worker sweep in a process group of its own, as a terminal runs it."""
-    toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY.format(steps=steps))
-    db = tmp_path / "r.db"
+def _pool_sweep(toml: Path, stderr) -> tuple[subprocess.Popen, Path]:
+    """Start a two-worker sweep of ``toml`` in a process group of its own, as a terminal runs it."""
+    db = toml.with_name("r.db")
     cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(db), "--workers", "2",
            "--no-report"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     return proc, db
 
 
-def _start_pool_sweep(tmp_path, steps: int, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, Path]:
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT as a terminal leaves it. A shell without job control starts background
+    commands (`pytest ... &`) with SIGINT ignored, the driver would inherit that, and Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _start_pool_sweep(toml: Path, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, Path]:
     """``_pool_sweep``, returned once two runs are stored."""
-    proc, db = _pool_sweep(tmp_path, steps, stderr)
+    proc, db = _pool_sweep(toml, stderr)
     deadline = time.time() + 120
     while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -203,9 +192,10 @@ def _group_gone(pgid: int, seconds: float = 20) -> bool:
 needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
 
 
+@pytest.mark.slow
 @needs_proc
-def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tmp_path):
-    proc, db = _start_pool_sweep(tmp_path, steps=400)
+def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tiny_experiment):
+    proc, db = _start_pool_sweep(tiny_experiment.toml(**sweep(400)))
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver and its workers alike
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -216,10 +206,11 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tmp_path):
     assert _group_gone(proc.pid), "a worker or helper process outlived the interrupted sweep"
 
 
+@pytest.mark.slow
 @needs_proc
-def test_driver_killed_while_its_workers_start_leaves_no_process_behind(tmp_path):
+def test_driver_killed_while_its_workers_start_leaves_no_process_behind(tmp_path, tiny_experiment):
     with open(tmp_path / "err.txt", "w") as err:
-        proc, _ = _pool_sweep(tmp_path, steps=400, stderr=err)
+        proc, _ = _pool_sweep(tiny_experiment.toml(**sweep(400)), stderr=err)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not _spawned_children(proc.pid):
         time.sleep(0.02)
@@ -234,11 +225,12 @@ def _spawned_children(pid: int) -> list[int]:
     return [p for p, _, ppid, _, cmdline in _processes() if ppid == pid and b"spawn_main" in cmdline]
 
 
+@pytest.mark.slow
 @needs_proc
-def test_killed_pool_driver_leaves_no_process_behind(tmp_path):
+def test_killed_pool_driver_leaves_no_process_behind(tmp_path, tiny_experiment):
     # stderr to a file, not a pipe: a surviving child would hold a pipe open and hang the read
     with open(tmp_path / "err.txt", "w") as err:
-        proc, _ = _start_pool_sweep(tmp_path, steps=400, stderr=err)
+        proc, _ = _start_pool_sweep(tiny_experiment.toml(**sweep(400)), stderr=err)
     proc.kill()  # SIGKILL: the driver cannot tell anything to stop
     proc.wait(timeout=60)
     assert _group_gone(proc.pid), "a worker or helper process outlived its SIGKILLed driver"

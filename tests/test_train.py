@@ -8,29 +8,33 @@ import pytest
 import torch
 
 from retrieval_bench import Memory
-from retrieval_bench.config import from_dict
 from retrieval_bench.registry import memories
 from retrieval_bench.train import train_run
 
 
-def run_cfg(**train):
-    raw = {"name": "t", "seeds": [3], "task": {"name": "capacity", "num_keys": 4},
-           "model": {"memory": train.pop("memory", "linear/sum"), "d_key": 8},
-           "train": {"eval_every": 5, "max_steps": 60, "diagnostics": False, **train}}
-    return from_dict(raw).expand()[0]
+@pytest.fixture
+def run_cfg(tiny_experiment):
+    """``run_cfg(memory=..., **train)``: the one run of a tiny experiment (seed 3, S = 4), 60 steps, an
+    evaluation every 5, no diagnostics unless asked."""
+
+    def make(memory: str = "linear/sum", **train):
+        train = {"eval_every": 5, "max_steps": 60, "diagnostics": False, **train}
+        return tiny_experiment.load(seeds=[3], model={"memory": memory}, train=train).expand()[0]
+
+    return make
 
 
 def eval_losses(result):
     return [v for (_, split, metric, v) in result["curves"] if split == "eval" and metric == "loss"]
 
 
-def test_stop_when_solved():
+def test_stop_when_solved(run_cfg):
     out = train_run(run_cfg(stop_loss=10.0))  # any loss is below 10: stops at the first evaluation
     assert out["row"]["stop_reason"] == "solved" and out["row"]["steps"] == 5
     assert out["row"]["status"] == "done"
 
 
-def test_stop_after_patience_without_a_new_best():
+def test_stop_after_patience_without_a_new_best(run_cfg):
     out = train_run(run_cfg(lr=1e-12, stop_loss=0.0, patience=2, max_steps=1000))
     row = out["row"]
     assert row["stop_reason"] == "patience"
@@ -40,7 +44,7 @@ def test_stop_after_patience_without_a_new_best():
     assert row["best_loss"] == pytest.approx(min(losses)) and row["final_loss"] == losses[-1]
 
 
-def test_stop_at_max_steps_records_the_curve():
+def test_stop_at_max_steps_records_the_curve(run_cfg):
     out = train_run(run_cfg(stop_loss=0.0, patience=100, max_steps=23))
     row = out["row"]
     assert row["stop_reason"] == "max_steps" and row["steps"] == 23
@@ -49,7 +53,7 @@ def test_stop_at_max_steps_records_the_curve():
     assert 0.0 <= row["final_acc"] <= 1.0 and row["wall_s"] > 0
 
 
-def test_same_seed_same_numbers_and_no_global_rng_touched():
+def test_same_seed_same_numbers_and_no_global_rng_touched(run_cfg):
     state = torch.get_rng_state()
     a, b = train_run(run_cfg(max_steps=20)), train_run(run_cfg(max_steps=20))
     assert torch.equal(state, torch.get_rng_state())
@@ -67,7 +71,7 @@ class Exploding(Memory):
         return y * math.nan if Exploding.calls > 3 else y
 
 
-def test_non_finite_loss_ends_the_run_as_diverged():
+def test_non_finite_loss_ends_the_run_as_diverged(run_cfg):
     with memories.scoped():
         memories.register("exploding", Exploding)
         Exploding.calls = 0
@@ -79,7 +83,7 @@ def test_non_finite_loss_ends_the_run_as_diverged():
     assert eval_losses(out) and row["final_loss"] == eval_losses(out)[-1]
 
 
-def test_diagnostics_are_recorded_when_on():
+def test_diagnostics_are_recorded_when_on(run_cfg):
     out = train_run(run_cfg(memory="dpfp-1/delta", max_steps=10, diagnostics=True))
     metrics = {m for (_, _, m, _) in out["diagnostics"]}
     assert {"state_norm", "contrast_cos", "margin", "grad_norm"} <= metrics

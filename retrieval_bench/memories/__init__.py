@@ -24,6 +24,7 @@ from torch import nn
 from ..feature_maps import FeatureMap, feature_map
 from ..registry import RegistryError, feature_maps, memories, update_rules
 from ..registry import normalisations as norm_registry
+from . import causal as _causal
 from .normalisations import EPS  # noqa: F401  (importing registers the built-in normalisations)
 from .reference import reference_loop
 from .rules import UpdateRule
@@ -52,6 +53,26 @@ class Memory(nn.Module):
         """Per-step diagnostics under no_grad, or None where the memory offers none."""
         return None
 
+    def causal(self, keys, values, queries, betas=None, **gates) -> torch.Tensor:
+        """The all-positions causal form (DESIGN §9): position t writes (k_t, v_t), then is read with q_t.
+
+        keys, queries (B, T, K), values (B, T, V), betas and gates (B, T) -> (B, T, V). This default reads
+        every prefix with ``forward`` (T calls: slow, with a ``SlowCausalFormWarning`` once per class); a
+        memory overrides it with a fast form equal to ``causal_reference``.
+        """
+        _causal.check_inputs(keys, values, queries, betas, gates)
+        cls = type(self)
+        _causal.warn_once(f"memory:{cls.__module__}.{cls.__qualname__}",
+                          f"memory {cls.__name__} has no all-positions causal form (a method causal); reading "
+                          "every prefix with its forward (slow)")
+        return _causal.prefix_reads(self.forward, keys, values, queries, betas, gates)
+
+    def causal_reference(self, keys, values, queries, betas=None, **gates) -> torch.Tensor:
+        """The spec of ``causal``: reads of every prefix with ``reference`` where the memory has one, else with
+        ``forward``. Shapes as ``causal``."""
+        read = getattr(self, "reference", None)
+        return _causal.prefix_reads(read if callable(read) else self.forward, keys, values, queries, betas, gates)
+
 
 @dataclass(frozen=True)
 class MemorySpec:
@@ -67,7 +88,14 @@ class MemorySpec:
 
 
 def parse_spec(spec: str) -> MemorySpec:
-    """Parse ``PHI/RULE[/NORM[+attn]]`` and check every part against its registry."""
+    """Parse ``PHI/RULE[/NORM[+attn]]`` and check every part against its registry.
+
+    A signed feature map (``non_negative = False`` on its class: identity, tanh; a plugin map is taken as
+    non-negative unless it says otherwise, which its contract test checks) with a rule whose default divides by
+    a sum of features (sum normalisation: delta; the attention normaliser: sum) is refused unless the spec names
+    the normalisation: a sum of signed features can be near 0, and the read then blows up (outputs of 1e27 and
+    more on random keys for identity/delta and tanh/delta, 1e4-1e5 for identity/sum and tanh/sum).
+    """
     parts = spec.split("/")
     if len(parts) == 1:
         memories.resolve(spec)  # raises with close matches among the registered memories
@@ -81,6 +109,14 @@ def parse_spec(spec: str) -> MemorySpec:
     rule_cls = update_rules.get(rule_name)
     if len(parts) == 2:
         norm, attn = rule_cls.default_norm, rule_cls.default_attn
+        phi_cls = feature_maps.resolve(phi)[0]
+        if (norm == "sum" or attn) and not getattr(phi_cls, "non_negative", True):
+            what = ("sum normalisation divides φ by Σφ" if norm == "sum"
+                    else "attention normaliser divides by Σ_t φ(k_t)·φ(q)")
+            raise RegistryError(
+                f"memory {spec!r}: {phi} gives signed features, and {rule_name}'s default {what}, which can be "
+                f"near 0 for signed features; name the normalisation, e.g. {phi}/{rule_name}/l2 (or "
+                f"{MemorySpec(phi, rule_name, norm, attn).name} to keep the default)")
     else:
         norm, _, extra = parts[2].partition("+")
         if extra not in ("", "attn"):
@@ -156,6 +192,26 @@ class FastWeightMemory(Memory):
         k, q = self.features(keys, queries)
         return reference_loop(self.rule, k, values, q, self._gates(keys, betas, gates), self.attn)[0]
 
+    #: steps per chunk of the chunked causal forms (sum and delta rules)
+    causal_chunk = _causal.CHUNK
+
+    def causal(self, keys, values, queries, betas=None, **gates):
+        """Every position's read after its write (``Memory.causal``): φ once for keys and queries, then the
+        rule's all-positions form (``causal.rule_causal``)."""
+        if not _own(type(self), "causal"):  # a subclass that changes forward alone: read its prefixes
+            return super().causal(keys, values, queries, betas, **gates)
+        _causal.check_inputs(keys, values, queries, betas, gates)
+        k, q = self.features(keys, queries)
+        return _causal.rule_causal(self.rule, k, values, q, self._gates(keys, betas, gates), self.attn,
+                                   self.causal_chunk)
+
+    def causal_reference(self, keys, values, queries, betas=None, **gates):
+        """The spec of ``causal``: the rule's step function with a read after every step."""
+        if not _own(type(self), "causal_reference"):
+            return super().causal_reference(keys, values, queries, betas, **gates)
+        k, q = self.features(keys, queries)
+        return _causal.causal_loop(self.rule, k, values, q, self._gates(keys, betas, gates), self.attn)
+
     @torch.no_grad()
     def trace(self, keys, values, betas=None, queries=None, **gates):
         k, q = self.features(keys, queries)
@@ -195,6 +251,19 @@ class SoftmaxMemory(Memory):
                 rows.append((w[:, None] * values[b]).sum(0) / w.sum())
             out.append(torch.stack(rows))
         return torch.stack(out)
+
+    def causal(self, keys, values, queries, betas=None, **gates):
+        """Causal softmax attention, y_t = Σ_{j≤t} softmax_j(k_j·q_t/√K) v_j, by
+        ``scaled_dot_product_attention(is_causal=True)``. keys, queries (B, T, K), values (B, T, V) -> (B, T, V)."""
+        if not _own(type(self), "causal"):  # a subclass that changes forward alone: read its prefixes
+            return super().causal(keys, values, queries, betas, **gates)
+        _causal.check_inputs(keys, values, queries, betas, gates)
+        return _causal.softmax_causal(keys, values, queries)
+
+    def causal_reference(self, keys, values, queries, betas=None, **gates):
+        if not _own(type(self), "causal_reference"):
+            return super().causal_reference(keys, values, queries, betas, **gates)
+        return _causal.softmax_causal_reference(keys, values, queries)
 
     @torch.no_grad()
     def trace(self, keys, values, betas=None, queries=None, **gates):

@@ -1,18 +1,43 @@
-"""Fast Weight Memory's state (Schlag et al. 2021; PAPER §2.4) with a memory-light backward.
+"""Fast Weight Memory's state (Schlag et al. 2021; PAPER §2.4) with a memory-light backward, in few ops per step.
 
 FWM clips the norm of what it writes, so its loop admits no parallel form: the forward is the loop itself.
 ``fwm_state`` gives the final state W after L steps and, in its backward, recomputes states from checkpoints
 instead of storing all L of them: O(√L) states alive at once with one level of checkpoints, O(L^⅓) with two
 (used where one level would exceed ``FWM_STATE_BUDGET`` bytes). It computes the same numbers as the per-step
 loop of ``reference.py`` (up to float rounding); the tests compare them in outputs and gradients.
+
+Ops per step. The loop is sequential, so its time is L times the cost of one step's ops; on a GPU, at these
+sizes, that cost is each op's launch (~5-10 µs), not its work. So a step does the least it can and everything
+else happens outside the loop: β·a for every step in one op before it; out= into buffers whose per-step views
+are made once (a view is a dispatch too); and what does not feed the next step (the gradients wrt v and β, and
+W_{t-1}'s share of a's) in a few batched ops per segment. A step is 5 ops forward (``_step``) and 7 backward
+(``_backprop``), plus the 5 of its recompute, where the per-step loop this replaced dispatched 22 and 81 (aten
+ops, views included; tests/test_runtime.py bounds the count). On CUDA the whole forward and the whole backward
+each run as one CUDA graph, captured once per shape (``runtime.StaticGraph``), which removes the launches; and
+there, where all L states fit in ``FWM_KEEP_ALL_BUDGET``, they are kept instead of recomputed (memory-light
+stays the CPU's rule; with graphs the device holds about three copies of them: the graph's, the call's, and the
+backward graph's input).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from collections import OrderedDict
+
 import torch
+
+from ..runtime import StaticGraph
+
+log = logging.getLogger(__name__)
 
 # FWM keeps its checkpoints in two levels where one level would hold more than this many bytes of states.
 FWM_STATE_BUDGET = 128 * 2**20
+#: Per device type: bytes of states under which the backward keeps all L states instead of recomputing them.
+FWM_KEEP_ALL_BUDGET: dict[str, int] = {"cuda": 2**30}
+#: Whether the training form runs as CUDA graphs on a GPU (RETRIEVAL_BENCH_FWM_GRAPHS=0 turns it off).
+FWM_CUDA_GRAPHS = os.environ.get("RETRIEVAL_BENCH_FWM_GRAPHS", "1") != "0"
+_GRAPHS_KEPT = 2  # shapes whose graphs stay captured (each holds its buffers on the device)
 
 
 def fwm_peak_states(L: int, levels: int = 1) -> int:
@@ -42,50 +67,276 @@ def fwm_segments(L: int, levels: int = 1) -> list[int]:
     return sizes
 
 
-def _mv(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """W (B, V, F) · x (B, F) -> (B, V) as a row-vector product (a bmm with a trailing 1 is far slower)."""
-    return (x[:, None, :] @ W.transpose(1, 2))[:, 0]
-
-
-def _vm(y: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """yᵀ W: y (B, V), W (B, V, F) -> (B, F)."""
-    return (y[:, None, :] @ W)[:, 0]
-
-
-def _fwm_write(W, a, v, beta):
-    """One FWM write after the first (FWMRule.step): W (B, V, F), a (B, F), v (B, V), beta (B, 1).
-
-    Returns W_t, the norm ‖W̃‖ before clamping (B,), and v̄ = W_{t-1} a (B, V).
-    """
-    v_bar = _mv(W, a)
-    v_new = beta * v + (1 - beta) * v_bar
-    W = torch.addcmul(W, (v_new - v_bar)[:, :, None], a[:, None, :])  # W̃ = W + (v_new - v̄) ⊗ a, one pass
-    norm = torch.linalg.vector_norm(W, dim=(1, 2))
-    return W.div_(norm.clamp_min(1.0)[:, None, None]), norm, v_bar
-
-
-def _fwm_step(W, t, a_s, v_s, beta_s):
-    """Step t of FWM from W = W_t (None at t = 0) -> (W_{t+1}, ‖W̃‖ before clamping, v̄)."""
-    if t == 0:  # W_1 = β_1 v_1 ⊗ φ_1, no clipping
-        return (beta_s[0] * v_s[0])[:, :, None] * a_s[0][:, None, :], None, None
-    return _fwm_write(W, a_s[t], v_s[t], beta_s[t])
-
-
-def _fwm_loop(a, v, beta, starts=(), W=None, first=0, steps=None):
-    """FWM's loop over steps first..first+steps-1 from W (the state entering ``first``; None before step 0).
-    Returns the final state and the states entering the steps in ``starts``."""
-    a_s, v_s, beta_s = a.unbind(1), v.unbind(1), beta[..., None].unbind(1)
-    starts = set(starts)
-    checkpoints = []
-    for t in range(first, first + (a.shape[1] - first if steps is None else steps)):
-        if t in starts:
-            checkpoints.append(W)
-        W = _fwm_step(W, t, a_s, v_s, beta_s)[0]
-    return W, checkpoints
-
-
-def _starts(first: int, sizes: list[int]) -> list[int]:
+def _starts(first: int, sizes: list[int] | tuple[int, ...]) -> list[int]:
     return [first + sum(sizes[:i]) for i in range(len(sizes))]
+
+
+def _plan(a: torch.Tensor, v: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """(levels, segment sizes): levels 0 keeps every state (one segment), 1 and 2 as in ``fwm_segments``."""
+    B, L, F = a.shape
+    state = B * v.shape[-1] * F * a.element_size()
+    if L * state <= FWM_KEEP_ALL_BUDGET.get(a.device.type, 0):
+        return 0, (L,)
+    levels = 2 if state * fwm_peak_states(L) > FWM_STATE_BUDGET else 1
+    return levels, tuple(fwm_segments(L, levels))
+
+
+class _Steps:
+    """Per-step views of FWM's inputs, made once per pass: a (B, L, F), v (B, L, V), beta (B, L) give rows
+    a[t], βa[t] (B, 1, F), v[t] (B, 1, V), and for the backward -βa[t]."""
+
+    def __init__(self, a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, backward: bool = False):
+        self.B, self.L, self.F = a.shape
+        self.V = v.shape[-1]
+        self.beta = beta
+        self.like = a
+        ba = a * beta[..., None]
+        self.a = a.unsqueeze(2).unbind(1)
+        self.ba = ba.unsqueeze(2).unbind(1)
+        self.v = v.unsqueeze(2).unbind(1)
+        self.v0 = v[:, 0, :, None]  # (B, V, 1)
+        self.nba = torch.neg(ba).unsqueeze(2).unbind(1) if backward else None
+
+    def new(self, *shape: int) -> torch.Tensor:
+        return self.like.new_empty(shape)
+
+
+def _step(x: _Steps, t: int, W, Wt, out, d, dc, n, m) -> None:
+    """Step t >= 1 in 5 ops: out = W̃ / max(‖W̃‖, 1), W̃ = W + β (v - W a) ⊗ a (out may be W itself).
+
+    W, out (B, V, F); Wt = Wᵀ (a view); writes d = v - W a (B, 1, V) (dc its (B, V, 1) view), n = ‖W̃‖ and
+    m = max(n, 1) (B, 1, 1). β(v - v̄) is the paper's β v + (1 - β) v̄ - v̄.
+    """
+    torch.baddbmm(x.v[t], x.a[t], Wt, alpha=-1, out=d)
+    if out is W:
+        W.addcmul_(dc, x.ba[t])
+    else:
+        torch.addcmul(W, dc, x.ba[t], out=out)
+    torch.linalg.vector_norm(out, dim=(1, 2), keepdim=True, out=n)
+    torch.clamp_min(n, 1.0, out=m)
+    out.div_(m)
+
+
+def _advance(x: _Steps, W0, first: int, stop: int, starts=()):
+    """Steps first..stop-1 from W0 (the state entering ``first``; None before step 0), in place on one buffer.
+    Returns the final state and the states entering the steps in ``starts`` (W0 itself for ``first``; ``stop``
+    may be one of them)."""
+    starts = set(starts)
+    saved = [W0] if first in starts else []
+    if stop <= first:
+        return W0, saved
+    W = x.new(x.B, x.V, x.F) if W0 is None else W0.clone()
+    Wt = W.transpose(1, 2)
+    d, n, m = x.new(x.B, 1, x.V), x.new(x.B, 1, 1), x.new(x.B, 1, 1)
+    dc = d.transpose(1, 2)
+    for t in range(first, stop):
+        if t in starts and t != first:
+            saved.append(W.clone())
+        if t == 0:  # W_1 = β_1 v_1 ⊗ a_1, no clipping
+            torch.mul(x.v0, x.ba[0], out=W)
+        else:
+            _step(x, t, W, Wt, W, d, dc, n, m)
+    if stop in starts:
+        saved.append(W)  # the state entering ``stop``: the buffer itself, nothing changes it now
+    return W, saved
+
+
+class _Work:
+    """Per-step buffers of a pass over segments of up to ``size`` steps, with their per-step views made once (a
+    view is a dispatch too): d = v - W_{t-1} a (B, 1, V) and its column, n = ‖W̃‖, m = max(n, 1) and
+    c = [n >= 1] / m (B, 1, 1); for the backward, g_δ (B, 1, V) and its column, and dᵀ G̃ (B, 1, F).
+    D, M, C may be given (a record kept by the forward)."""
+
+    def __init__(self, x: _Steps, size: int, backward: bool = False, D=None, M=None, C=None):
+        B, V, F = x.B, x.V, x.F
+        self.D = x.new(size, B, 1, V) if D is None else D
+        self.N = x.like.new_zeros(size, B, 1, 1)
+        self.M = x.like.new_ones(size, B, 1, 1) if M is None else M
+        self.C = x.new(size, B, 1, 1) if C is None else C
+        self.d, self.dc = self.D.unbind(0), self.D.transpose(2, 3).unbind(0)
+        self.n, self.m, self.c = self.N.unbind(0), self.M.unbind(0), self.C.unbind(0)
+        if backward:
+            self.GD, self.GA, self.dot = x.new(size, B, 1, V), x.new(size, B, 1, F), x.new(B, 1, 1)
+            self.gd, self.gdc, self.ga = self.GD.unbind(0), self.GD.transpose(2, 3).unbind(0), self.GA.unbind(0)
+            self.D3, self.GD3, self.GA3 = self.D.view(size, B, V), self.GD.view(size, B, V), self.GA.view(size, B, F)
+
+    def coefficients(self) -> None:
+        # the clamp passes the norm's gradient where ‖W̃‖ >= 1 (torch's rule for clamp_min at the boundary)
+        torch.div(self.N >= 1.0, self.M, out=self.C)
+
+
+def _recompute(x: _Steps, W0, first: int, size: int, w: _Work):
+    """Steps first..first+size-1 from W0, keeping what their backward needs: returns the states S
+    (size, B, V, F) (S[j] after step first+j) and their views; d, m, c in w's first ``size`` slots."""
+    S = x.new(size, x.B, x.V, x.F)
+    states, states_t = S.unbind(0), S.transpose(2, 3).unbind(0)
+    W, Wt = W0, (None if W0 is None else W0.transpose(1, 2))
+    for j in range(size):
+        t = first + j
+        if t == 0:  # unclipped: m = 1 and no projection in the backward; d = v (W_0 = 0)
+            torch.mul(x.v0, x.ba[0], out=states[0])
+            w.d[0].copy_(x.v[0])
+            w.n[0].zero_()
+            w.m[0].fill_(1.0)
+        else:
+            _step(x, t, W, Wt, states[j], w.d[j], w.dc[j], w.n[j], w.m[j])
+        W, Wt = states[j], states_t[j]
+    w.coefficients()
+    return S, states
+
+
+class _Grads:
+    """The gradients wrt a (B, L, F), v (B, L, V), beta (B, L) (None where not needed), written a segment at a
+    time through (L, B, ·) views: ∂ℓ/∂a_t = β (dᵀ G̃ - g_δᵀ W_{t-1}), ∂ℓ/∂v_t = β g_δ, ∂ℓ/∂β_t = g_δ·d."""
+
+    def __init__(self, x: _Steps, needs):
+        like = (x.like, x.v0.new_empty(x.B, x.L, x.V), x.beta)
+        self.grads = [torch.empty_like(t) if need else None for t, need in zip(like, needs, strict=True)]
+        self.T = [None if g is None else g.transpose(0, 1) for g in self.grads]
+        self.beta = x.beta.t()[:, :, None]  # (L, B, 1)
+
+    def write(self, first: int, size: int, w: _Work) -> None:
+        span = slice(first, first + size)
+        beta = self.beta[span]
+        ga, gv, gbeta = self.T
+        if ga is not None:
+            torch.mul(w.GA3[:size], beta, out=ga[span])
+        if gv is not None:
+            torch.mul(w.GD3[:size], beta, out=gv[span])
+        if gbeta is not None:
+            torch.sum(w.GD3[:size] * w.D3[:size], -1, out=gbeta[span])
+
+
+def _backprop(x: _Steps, w: _Work, W0, first: int, S, states, G, out: _Grads) -> None:
+    """Backprop G = ∂ℓ/∂W_{first+size} through the segment recorded by ``_recompute`` (from W0), in place:
+    G ends as ∂ℓ/∂W_first. Writes the segment's gradients into ``out``.
+
+    Per step, 7 ops: with W̃ = W_{t-1} + δ ⊗ a, δ = β d, d = v - W_{t-1} a and W_t = W̃ / m,
+    G̃ = (G - [n >= 1] (G·W_t) W_t) / m = ∂ℓ/∂W̃; g_δ = G̃ a; dᵀ G̃; and ∂ℓ/∂W_{t-1} = G̃ - β g_δ ⊗ a.
+    W_{t-1}'s share of ∂ℓ/∂a_t, -β W_{t-1}ᵀ g_δ, needs nothing of the next step: one op for the segment.
+    """
+    B, V, F = x.B, x.V, x.F
+    size = S.shape[0]
+    Gt, Gf = G.transpose(1, 2), G.view(B, V * F, 1)
+    flat = S.view(size, B, 1, V * F).unbind(0)
+    for j in range(size - 1, -1, -1):
+        t = first + j
+        if t > 0:
+            torch.bmm(flat[j], Gf, out=w.dot)  # G·W_t
+            w.dot.mul_(w.c[j])
+            G.div_(w.m[j])
+            G.addcmul_(states[j], w.dot, value=-1)  # G̃
+        torch.bmm(x.a[t], Gt, out=w.gd[j])  # g_δ = G̃ a (B, 1, V)
+        torch.bmm(w.d[j], G, out=w.ga[j])  # dᵀ G̃ (B, 1, F)
+        if t > 0:
+            G.addcmul_(w.gdc[j], x.nba[t])
+    # the states before the segment's steps are W0 (none before step 0) and S[:-1]
+    if size > 1:
+        w.GA[1:size].view(-1, 1, F).baddbmm_(w.GD[1:size].view(-1, 1, V), S[:-1].view(-1, V, F), alpha=-1)
+    if W0 is not None:
+        w.ga[0].baddbmm_(w.gd[0], W0, alpha=-1)
+    out.write(first, size, w)
+
+
+def _forward(a, v, beta, plan) -> list[torch.Tensor]:
+    """[W_L, *saved]: saved is what ``_backward`` needs, the record of every step with levels 0, else the
+    checkpoints entering segments 1, 2, ... (segment 0 starts from nothing)."""
+    levels, sizes = plan
+    x = _Steps(a, v, beta)
+    if levels == 0:
+        w = _Work(x, x.L)
+        S, _ = _recompute(x, None, 0, x.L, w)
+        return [S[-1].clone(), S, w.D, w.M, w.C]  # W_L cloned: the caller must not be able to change the record
+    W, checkpoints = _advance(x, None, 0, x.L, _starts(0, sizes))
+    return [W, *checkpoints[1:]]
+
+
+def _backward(a, v, beta, plan, saved: list, G, needs=(True, True, True)) -> list[torch.Tensor | None]:
+    """(∂ℓ/∂a, ∂ℓ/∂v, ∂ℓ/∂beta) from G = ∂ℓ/∂W_L (None where not needed). Empties ``saved`` (a list), so that
+    each checkpoint is freed once its segment is done."""
+    levels, sizes = plan
+    x = _Steps(a, v, beta, backward=True)
+    out = _Grads(x, needs)
+    G = G.clone(memory_format=torch.contiguous_format)
+    if levels == 0:
+        S, D, M, C = saved
+        saved.clear()
+        _backprop(x, _Work(x, x.L, True, D, M, C), None, 0, S, S.unbind(0), G, out)
+        return out.grads
+    longest = fwm_segments(sizes[0])[0] if levels == 2 else sizes[0]
+    w = _Work(x, longest, backward=True)
+    checkpoints = [None, *saved]
+    saved.clear()
+    for start, size in zip(reversed(_starts(0, sizes)), reversed(sizes), strict=True):
+        W0 = checkpoints.pop()
+        if levels == 2:  # one checkpoint level down: sub-checkpoints, then each sub-segment
+            sub_sizes = fwm_segments(size)
+            sub_starts = _starts(start, sub_sizes)
+            subs = _advance(x, W0, start, sub_starts[-1], sub_starts)[1]
+            for s0, s in zip(reversed(sub_starts), reversed(sub_sizes), strict=True):
+                W = subs.pop()
+                _backprop(x, w, W, s0, *_recompute(x, W, s0, s, w), G, out)
+        else:
+            _backprop(x, w, W0, start, *_recompute(x, W0, start, size, w), G, out)
+    return out.grads
+
+
+# ---------------------------------------------------------------------------------------------------- graphs
+_CAPTURE = None  # how graphs are captured: None is runtime.cuda_capture (the tests put rerun_capture here)
+_GRAPHS: OrderedDict[tuple, _FWMGraphs] = OrderedDict()
+_GRAPH_FAILED: set[tuple] = set()
+
+
+def _use_graphs(a: torch.Tensor) -> bool:
+    return FWM_CUDA_GRAPHS and a.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+class _FWMGraphs:
+    """``_forward`` and ``_backward`` for one shape and plan as two captured graphs; calls return fresh tensors."""
+
+    def __init__(self, a, v, beta, plan):
+        self.fwd = StaticGraph(lambda a, v, b: _forward(a, v, b, plan), (a, v, beta), _CAPTURE)
+        example = (a, v, beta, torch.zeros_like(self.fwd.outputs[0]), *self.fwd.outputs[1:])
+        self.bwd = StaticGraph(lambda a, v, b, G, *saved: _backward(a, v, b, plan, list(saved), G), example,
+                               _CAPTURE)
+
+    def forward(self, a, v, beta) -> list[torch.Tensor]:
+        return self.fwd(a, v, beta)
+
+    def backward(self, a, v, beta, saved: list, G) -> list[torch.Tensor]:
+        grads = self.bwd(a, v, beta, G, *saved)
+        saved.clear()
+        return grads
+
+
+def _graphs_for(a, v, beta, plan) -> _FWMGraphs | None:
+    """The captured graphs for this call's shape (captured now if new), or None: not on CUDA, graphs off, or
+    their capture failed once for this shape (then the eager form, which computes the same, runs)."""
+    if not _use_graphs(a):
+        return None
+    key = (tuple(a.shape), v.shape[-1], a.dtype, a.device, plan)
+    if key in _GRAPH_FAILED:
+        return None
+    graphs = _GRAPHS.get(key)
+    if graphs is None:
+        try:
+            graphs = _FWMGraphs(a, v, beta, plan)
+        except Exception as e:  # noqa: BLE001  (any capture failure: the eager form is always there)
+            log.warning("FWM: capturing a CUDA graph for shape %s failed (%s: %s); running it eagerly",
+                        key[:2], type(e).__name__, e)
+            _GRAPH_FAILED.add(key)
+            return None
+        _GRAPHS[key] = graphs
+        while len(_GRAPHS) > _GRAPHS_KEPT:
+            _GRAPHS.popitem(last=False)
+    _GRAPHS.move_to_end(key)
+    return graphs
+
+
+def clear_fwm_graphs() -> None:
+    """Release every captured FWM graph and its device memory (they are captured again when next needed)."""
+    _GRAPHS.clear()
+    _GRAPH_FAILED.clear()
 
 
 class _FWMState(torch.autograd.Function):
@@ -93,97 +344,29 @@ class _FWMState(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, v, beta):
-        B, L, F = a.shape
-        state_bytes = B * v.shape[-1] * F * a.element_size()
-        levels = 2 if state_bytes * fwm_peak_states(L) > FWM_STATE_BUDGET else 1
-        sizes = fwm_segments(L, levels)
-        starts = _starts(0, sizes)
-        W, checkpoints = _fwm_loop(a, v, beta, starts)
+        plan = _plan(a, v)
+        graphs = _graphs_for(a, v, beta, plan)
+        out = graphs.forward(a, v, beta) if graphs is not None else _forward(a, v, beta, plan)
         ctx.save_for_backward(a, v, beta)
-        ctx.checkpoints = checkpoints  # a plain attribute: freed one by one during the backward
-        ctx.starts, ctx.sizes, ctx.levels = starts, sizes, levels
-        return W
+        ctx.plan, ctx.graphs = plan, graphs
+        ctx.saved = out[1:]  # a plain attribute: freed one by one during the backward
+        return out[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G):
         a, v, beta = ctx.saved_tensors
-        steps = (a.unbind(1), v.unbind(1), beta[..., None].unbind(1))
-        # a gradient nobody asked for is not computed (the model's one-hot values need none: B·L·V floats)
-        grads = tuple(torch.zeros_like(x) if need else None
-                      for x, need in zip((a, v, beta), ctx.needs_input_grad, strict=True))
-        G = G.clone()
-        checkpoints = ctx.checkpoints
-        if checkpoints is None:  # a second backward through the graph (retain_graph): checkpoint again
-            checkpoints = _fwm_loop(a, v, beta, ctx.starts)[1]
-        ctx.checkpoints = None  # the local list alone holds them now: each is freed once its segment is done
-        for start, size in zip(reversed(ctx.starts), reversed(ctx.sizes), strict=True):
-            W = checkpoints.pop()
-            if ctx.levels == 2:
-                G = _fwm_backprop_split(W, start, size, G, steps, grads)
-            else:
-                G = _fwm_backprop_segment(W, start, size, G, steps, grads)
-        return grads
-
-
-def _fwm_backprop_split(W, start, size, G, steps, grads):
-    """Backprop through steps start..start+size-1 from the state W entering them, one checkpoint level down."""
-    sizes = fwm_segments(size)
-    starts = _starts(start, sizes)
-    # recompute the sub-checkpoints (the last sub-segment's states are recomputed by its own pass)
-    a_s, v_s, beta_s = steps
-    checkpoints = [W]
-    for t in range(start, starts[-1]):
-        W = _fwm_step(W, t, a_s, v_s, beta_s)[0]
-        if t + 1 in starts:
-            checkpoints.append(W)
-    for sub_start, sub_size in zip(reversed(starts), reversed(sizes), strict=True):
-        G = _fwm_backprop_segment(checkpoints.pop(), sub_start, sub_size, G, steps, grads)
-    return G
-
-
-def _fwm_backprop_segment(W, start, size, G, steps, grads):
-    """Backprop G = ∂ℓ/∂W_{start+size} through steps start..start+size-1, recomputing their states from W
-    (the state entering them) with the forward's own ops, so bit-identical to the forward's. Accumulates
-    into grads = (ga, gv, gbeta) and returns ∂ℓ/∂W_start."""
-    a_s, v_s, beta_s = steps
-    ga, gv, gbeta = grads
-    states, norms, v_bars = [W], [], []
-    for t in range(start, start + size):
-        W, norm, v_bar = _fwm_step(W, t, a_s, v_s, beta_s)
-        states.append(W)
-        norms.append(norm)
-        v_bars.append(v_bar)
-    for i in range(size - 1, -1, -1):
-        t = start + i
-        W_t, W_prev = states[i + 1], states[i]
-        states[i + 1] = None  # release as we go
-        b_t, a_t, v_t = beta_s[t], a_s[t], v_s[t]
-        if t == 0:  # W_1 = (β v) ⊗ a
-            Ga = _mv(G, a_t)
-            if gv is not None:
-                gv[:, 0] = b_t * Ga
-            if gbeta is not None:
-                gbeta[:, 0] = (Ga * v_t).sum(-1)
-            if ga is not None:
-                ga[:, 0] = _vm(b_t * v_t, G)
-            return None
-        norm, v_bar = norms[i], v_bars[i]
-        # Through W_t = W̃ / max(‖W̃‖, 1): the clamp passes the gradient where ‖W̃‖ >= 1 (torch's rule).
-        lam = torch.where(norm >= 1.0, (G * W_t).sum((1, 2)), torch.zeros_like(norm))
-        G = torch.addcmul(G, W_t, -lam[:, None, None]).div_(norm.clamp_min(1.0)[:, None, None])
-        # Through W̃ = W_{t-1} + δ ⊗ a with δ = β v + (1 - β) v̄ - v̄ and v̄ = W_{t-1} a.
-        delta = b_t * v_t + (1 - b_t) * v_bar - v_bar
-        g_delta = _mv(G, a_t)
-        g_vbar = -b_t * g_delta
-        if gv is not None:
-            gv[:, t] = b_t * g_delta
-        if gbeta is not None:
-            gbeta[:, t] = (g_delta * (v_t - v_bar)).sum(-1)
-        if ga is not None:
-            ga[:, t] = _vm(delta, G) + _vm(g_vbar, W_prev)
-        G.addcmul_(g_vbar[:, :, None], a_t[:, None, :])
-    return G
+        saved = ctx.saved
+        if saved is None:  # a second backward through the graph (retain_graph): checkpoint again
+            saved = (ctx.graphs.forward(a, v, beta) if ctx.graphs is not None
+                     else _forward(a, v, beta, ctx.plan))[1:]
+        ctx.saved = None  # the local list alone holds them now
+        if ctx.graphs is not None:
+            grads = ctx.graphs.backward(a, v, beta, saved, G)
+        else:
+            # a gradient nobody asked for is not computed (the model's one-hot values need none: B·L·V floats)
+            grads = _backward(a, v, beta, ctx.plan, saved, G, ctx.needs_input_grad)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad, strict=True))
 
 
 def fwm_state(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -192,7 +375,8 @@ def fwm_state(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Ten
     W_1 = β_1 v_1 ⊗ a_1; then W̃ = W + (β v + (1-β) v̄ - v̄) ⊗ a with v̄ = W a, and W = W̃ / max(1, ‖W̃‖_F).
     The clipping admits no parallel form and is not cheaply invertible, so the backward recomputes each
     segment's states from a checkpoint (``fwm_segments``): O(√L) states alive instead of the loop's L, or
-    O(L^⅓) with a second level of checkpoints where the states are large (``FWM_STATE_BUDGET``).
+    O(L^⅓) with a second level of checkpoints where the states are large (``FWM_STATE_BUDGET``); on a GPU,
+    all L where they fit in ``FWM_KEEP_ALL_BUDGET``.
 
     Args:
         a: keys (B, L, F). v: values (B, L, V). beta: (B, L).
@@ -202,4 +386,4 @@ def fwm_state(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Ten
     """
     if torch.is_grad_enabled() and any(x.requires_grad for x in (a, v, beta)):
         return _FWMState.apply(a, v, beta)
-    return _fwm_loop(a, v, beta)[0]  # no backward to come: no checkpoints
+    return _advance(_Steps(a, v, beta), None, 0, a.shape[1])[0]  # no backward to come: no checkpoints

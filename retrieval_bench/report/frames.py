@@ -14,12 +14,13 @@ FAILED = ("diverged", "failed")
 LOG_FLOOR = 1e-8  # a loss of exactly 0 has no place on a log axis: it is drawn at this floor
 SCHEMA = {  # the columns every loaded frame has, whatever the store holds
     "runs": "run_id experiment task memory num_keys seq_len d_key d_dot seed status steps final_loss "
-    "best_loss final_acc wall_s config version finished_at identity",
+    "best_loss final_acc wall_s state_size config version finished_at identity family d_model lr eval_seq_len",
     "curves": "run_id step split metric value",
     "diagnostics": "run_id step position metric value",
     "bench": "memory num_keys seq_len form threads ms_step ms_eval peak_mb max_diff status",
 }
-NUMERIC = set("num_keys seq_len d_key d_dot seed steps final_loss best_loss final_acc wall_s step position "
+NUMERIC = set("num_keys seq_len d_key d_dot seed steps final_loss best_loss final_acc wall_s state_size d_model lr "
+              "eval_seq_len step position "
               "value threads ms_step ms_eval peak_mb max_diff".split())
 
 # The key/query normalisation a built-in rule uses when a memory name gives none, as (norm, attn): the rules'

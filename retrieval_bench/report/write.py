@@ -10,6 +10,7 @@ import matplotlib as mpl
 import pandas as pd
 from matplotlib.figure import Figure
 
+from . import lm
 from .figures import (
     bench_figure,
     capacity_figure,
@@ -105,6 +106,8 @@ def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, thr
     bench = frames["bench"]
     if "experiment" in bench.columns and bench["experiment"].notna().any():  # else it serves every report
         bench = bench[bench["experiment"] == name]
+    if lm.is_lm(runs):
+        return _write_lm_experiment(name, runs, diags, out, str(store), note)
     builders = {
         "capacity": lambda: capacity_figure(runs, threshold),
         "learning_curves": lambda: learning_curves_figure(runs, curves, threshold=threshold),
@@ -130,6 +133,55 @@ def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, thr
     written += [out / "capacity_table.csv", out / "report.md"]
     log.info("wrote %d files to %s", len(written), out)
     return written
+
+
+LM_SECTIONS = {
+    "state_size": ("Accuracy against state size", "Query accuracy at each point's best learning rate against the "
+                   "floats of recurrent state over all layers and heads (softmax: its KV cache at the sequence "
+                   "length); bars: min-max over seeds."),
+    "pairs": ("Accuracy against the number of pairs", "Query accuracy at each point's best learning rate."),
+    "extrapolation": ("Length extrapolation", "Query accuracy at evaluation lengths from the training length "
+                      "up, at each point's best learning rate (median over seeds, band min-max)."),
+    "layers": ("Diagnostics per layer", "Along the sequence, per layer (means over heads and traced sequences): "
+               "the state norm, and the cosine between what a write's key read just before the write and what "
+               "it writes."),
+}
+
+
+def _write_lm_experiment(name: str, runs: pd.DataFrame, diags: pd.DataFrame, out: Path, store: str,
+                         note: str) -> list[Path]:
+    """The report of a token-stream (``lm`` family) experiment: figures, tables and report.md."""
+    builders = {"state_size": lambda: lm.state_size_figure(runs), "pairs": lambda: lm.pairs_figure(runs),
+                "extrapolation": lambda: lm.extrapolation_figure(runs, diags),
+                "layers": lambda: lm.layers_figure(runs, diags)}
+    out.mkdir(parents=True, exist_ok=True)
+    written, md_sections = [], []
+    for stem, build in builders.items():
+        heading, caption = LM_SECTIONS[stem]
+        try:
+            written += _save(build(), out / stem)
+            md_sections += ["", f"## {heading}", "", f"![{heading}]({stem}.png)", "", f"[PDF]({stem}.pdf)", "",
+                            caption]
+        except NoDataError as err:
+            md_sections += ["", f"## {heading}", "", f"_Skipped: {err} in the store._"]
+            for stale in (out / f"{stem}.png", out / f"{stem}.pdf"):
+                stale.unlink(missing_ok=True)
+    table = lm.accuracy_by_state_table(runs)
+    table.to_csv(out / "accuracy_table.csv", index=False, float_format="%.6g")
+    counts = ", ".join(f"{n} {s}" for s, n in runs["status"].value_counts().sort_index().items())
+    shown = store if not Path(store).is_absolute() else Path(store).name
+    values = {c: ", ".join(map(fmt, sorted(runs[c].dropna().unique())))
+              for c in ("task", "seq_len", "num_keys", "d_model", "lr", "version")}
+    md = [f"# {name}", "", note.strip() if note else "",
+          f"Store `{shown}`: {len(runs)} runs ({counts}); task {values['task']}; T = {values['seq_len']}; "
+          f"pairs = {values['num_keys']}; d_model = {values['d_model']}; lr = {values['lr']}; "
+          f"{runs['seed'].nunique()} seeds; version {values['version'] or '–'}. Every point takes the learning "
+          "rate with the best median accuracy over seeds (table below).", *md_sections,
+          "", "## Accuracy (best learning rate, median over finished seeds)", "",
+          "([CSV](accuracy_table.csv))", "", *_markdown(table),
+          "", "## Learning rate per point", "", *_markdown(lm.best_lr_table(runs))]
+    (out / "report.md").write_text("\n".join(line for line in md) + "\n", encoding="utf-8")
+    return written + [out / "accuracy_table.csv", out / "report.md"]
 
 
 def write_report(store_path: str | Path, out_dir: str | Path = "plots", experiment: str | None = None,

@@ -1,0 +1,160 @@
+"""The ``lm`` family: a small causal language model (lm.py) learning a token-stream recall task (tasks/stream.py).
+
+- Loss: cross-entropy at the query positions only (every other target is -100); the logits are computed at
+  those positions only, so a large vocabulary costs nothing at the filler positions.
+- Optimizer: AdamW (``weight_decay``), a linear warm-up over the first ``warmup`` fraction of ``max_steps`` and
+  then a cosine decay to 0 at ``max_steps`` (``schedule = "cosine"``) or a constant rate (``"constant"``), and the
+  gradient norm clipped to ``grad_clip`` (0 = off).
+- Evaluation: accuracy (the fraction of query positions whose arg-max is the target) and loss on the run's
+  evaluation set, in chunks of ``batch_size`` sequences; accuracy per slice: by the gap between a key's binding and
+  its query (``acc_by_gap``, bins [2, 4), [4, 8), ... by their lower edge) and by the query's position
+  (``acc_by_position``, bins of an eighth of the sequence by their first position).
+- Stop: the run is solved when the eval accuracy reaches ``stop_acc``; patience counts evaluations without a new
+  best eval loss (a loss can improve through a plateau of accuracy, as MQAR's often does before it is learnt).
+- After training: the accuracy at evaluation lengths doubling from the training length up to ``eval_seq_len``
+  (``acc_by_length``), and the per-layer, per-head diagnostics of each memory (contrast, interference, state and
+  normaliser growth) on a few evaluation sequences, named ``L<layer>H<head>.<metric>``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..config import RunConfig
+from ..lm import IGNORE_INDEX, CausalLM, lm
+from . import Evaluation
+
+_EVAL_CHUNK_TOKENS = 1 << 16  # at most this many tokens per evaluation forward
+
+
+def query_logits(model: CausalLM, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the query positions only: tokens (B, T), mask (B, T) bool -> (n, vocab), row order of
+    ``mask.nonzero()``. Equal to ``model(tokens)[mask]`` without the (B, T, vocab) tensor."""
+    model._check_tokens(tokens)
+    x = model.embed(tokens)  # (B, T, d_model)
+    for block in model.blocks:
+        x = block(x)
+    return model.head(model.norm(x[mask]))  # (n, vocab)
+
+
+class LMFamily:
+    name = "lm"
+
+    def build(self, cfg: RunConfig, task: Any) -> CausalLM:
+        m = cfg.model
+        kwargs = {"redraw": m.redraw} if m.memory.startswith("favor") else {}
+        return lm(m.memory, vocab_size=task.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+                  n_heads=m.n_heads, conv=m.conv, mlp_ratio=m.mlp_ratio, seed=cfg.seed, **kwargs)
+
+    def optimizer(self, cfg: RunConfig, model: CausalLM):
+        tc = cfg.train
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        warm = int(round(tc.warmup * tc.max_steps))
+
+        def factor(step: int) -> float:  # step = optimizer steps taken so far
+            if step < warm:
+                return (step + 1) / warm
+            if tc.schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, tc.max_steps - warm))))
+            return 1.0
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+    def clip(self, cfg: RunConfig, model: CausalLM) -> None:
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+
+    def train_loss(self, model: CausalLM, batch) -> torch.Tensor:
+        mask = batch.targets != IGNORE_INDEX  # (B, T)
+        return torch.nn.functional.cross_entropy(query_logits(model, batch.tokens, mask), batch.targets[mask])
+
+    @torch.no_grad()
+    def _reads(self, model: CausalLM, ev, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss per query (n,), correct (n,) bool, mask (N, T)) over the eval set, in chunks of sequences."""
+        model.eval()
+        mask = ev.targets != IGNORE_INDEX
+        losses, right = [], []
+        for s in range(0, ev.tokens.shape[0], chunk):
+            tok, tgt, m = ev.tokens[s:s + chunk], ev.targets[s:s + chunk], mask[s:s + chunk]
+            logits = query_logits(model, tok, m)  # (n_c, vocab)
+            losses.append(torch.nn.functional.cross_entropy(logits.float(), tgt[m], reduction="none"))
+            right.append(logits.argmax(-1) == tgt[m])
+        model.train()
+        return torch.cat(losses), torch.cat(right), mask
+
+    def evaluate(self, model: CausalLM, ev, cfg: RunConfig) -> Evaluation:
+        T = ev.tokens.shape[1]
+        chunk = max(1, min(cfg.train.batch_size, _EVAL_CHUNK_TOKENS // T))
+        loss, right, mask = self._reads(model, ev, chunk)
+        diags = []
+        gaps, pos = ev.gaps[mask], ev.positions[mask]  # (n,) in mask.nonzero() order, as the reads
+        gap_bin = torch.floor(torch.log2(gaps.clamp_min(2).float())).long()  # 1: [2,4), 2: [4,8), ...
+        for b in gap_bin.unique().tolist():
+            sel = gap_bin == b
+            diags.append((2 ** b, "acc_by_gap", right[sel].float().mean().item()))
+        width = max(1, math.ceil(T / 8))
+        pos_bin = pos // width
+        for b in pos_bin.unique().tolist():
+            diags.append((b * width, "acc_by_position", right[pos_bin == b].float().mean().item()))
+        n = max(right.numel(), 1)
+        return Evaluation(loss=loss.sum().item() / n, acc=right.sum().item() / n, diagnostics=diags)
+
+    def solved(self, ev: Evaluation, tc) -> bool:
+        return ev.acc >= tc.stop_acc
+
+    def final(self, model: CausalLM, task: Any, cfg: RunConfig, generator: torch.Generator) -> list[tuple]:
+        """Accuracy at doubling evaluation lengths (extrapolation), and each layer's memory diagnostics."""
+        rows: list[tuple] = []
+        length = task.seq_len * 2
+        while cfg.train.diagnostics and length <= task.eval_seq_len and length > task.seq_len:
+            ev = task.eval_set(generator, seq_len=length)
+            rows.append((length, "acc_by_length", self.evaluate(model, ev, cfg).acc))
+            length *= 2
+        if cfg.train.diagnostics:
+            rows += layer_diagnostics(model, task.eval_set(generator), cfg.train.diag_positions)
+        return rows
+
+    def row(self, model: CausalLM, cfg: RunConfig, task: Any) -> dict[str, Any]:
+        try:
+            state = model.state_size(task.seq_len)
+        except NotImplementedError:
+            state = None
+        d_dot = model.memories[0].d_dot(model.d_head)
+        return {"num_keys": task.num_kv_pairs, "seq_len": task.seq_len, "d_key": model.d_head,
+                "d_dot": d_dot, "state_size": state, "family": "lm", "d_model": cfg.model.d_model,
+                "lr": cfg.train.lr, "eval_seq_len": task.eval_seq_len}
+
+    def tracker(self, cfg: RunConfig):
+        return None  # the per-layer diagnostics are made once, after training (``final``)
+
+
+@torch.no_grad()
+def layer_diagnostics(model: CausalLM, ev, max_positions: int, max_sequences: int = 4) -> list[tuple]:
+    """Per layer and head: the memory's trace on the first ``max_sequences`` evaluation sequences, as the
+    retrieval family's diagnostics rows (diagnostics.trace_rows) named ``L<l>H<h>.<metric>``. A write's "key" is
+    its token, so a token seen before counts as a rewrite."""
+    from ..diagnostics import safe_trace, trace_rows
+
+    tokens = ev.tokens[:max_sequences]  # (n, T)
+    rows: list[tuple] = []
+    H = model.n_heads
+    was = model.training
+    model.eval()
+    try:
+        for layer, (mem, x) in enumerate(zip(model.memories, model.mixer_inputs(tokens), strict=True)):
+            trace = safe_trace(mem, x.keys, x.values, x.betas, x.queries[:, -1:], x.gates)
+            if trace is None:
+                continue
+            trace = {"v": x.values, **trace}
+            for h in range(H):
+                part = {k: v[h::H] for k, v in trace.items() if isinstance(v, torch.Tensor) and v.dim() >= 2
+                        and v.shape[0] == tokens.shape[0] * H}
+                mask = torch.ones(tokens.shape[0], 1, dtype=torch.bool)
+                rows += [(p, f"L{layer}H{h}.{name}", val)
+                         for p, name, val in trace_rows(part, tokens, mask, max_positions=max_positions)]
+    finally:
+        model.train(was)
+    return rows
