@@ -63,6 +63,9 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads per worker.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Override a setting; a list value ([8, 16]) makes a grid axis. Repeatable.")
+@click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
+              help="Where the runs train (train.device; default auto: the first GPU if any, else the CPU). Not "
+                   "part of a run's identity: a run stored from another device is skipped.")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their count; train nothing.")
 @click.option("--rerun", is_flag=True, help="Run again even the runs already in the store.")
 @click.option("--max-runs", type=click.IntRange(min=1), default=None,
@@ -76,11 +79,13 @@ def main() -> None:
                    f"{DEFAULT_RAY_START_TIMEOUT_S:g}).")
 @click.option("--out", default="plots", show_default=True, help="Where the report's figures go.")
 @click.option("--no-report", is_flag=True, help="Skip writing the report at the end.")
-def run(experiment, store, workers, threads, sets, dry_run, rerun, max_runs, executor, address, cpus_per_run,
-        ray_start_timeout, out, no_report):
+def run(experiment, store, workers, threads, sets, device, dry_run, rerun, max_runs, executor, address,
+        cpus_per_run, ray_start_timeout, out, no_report):
     """Run EXPERIMENT (a TOML file or a shipped experiment's name; default: quick)."""
     from .config import DEFAULT_MAX_RUNS, ConfigError, load
 
+    if device is not None:
+        sets = (*sets, f'train.device="{device}"')
     if executor != "ray":
         for opt, value in (("--address", address), ("--ray-start-timeout", ray_start_timeout)):
             if value is not None:

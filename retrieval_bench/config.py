@@ -110,6 +110,10 @@ class TrainConfig:
     schedule: str = "constant"  # or "cosine": after the warm-up, decay to 0 at max_steps
     grad_clip: float = 0.0  # the largest gradient norm; 0 = no clipping
     stop_acc: float = 0.99  # solved when the eval accuracy reaches it
+    # Where the run executes, not what it computes (identity.NOT_IDENTITY): "auto" (the first CUDA device if
+    # there is one, else the CPU), "cpu", "cuda" or "cuda:N". Batches come from the run's own generators on the
+    # host, so a run sees the same data on every device.
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         # Canonical form: an option equal to its protocol's value is stored as None, its default, so that

@@ -24,7 +24,7 @@ RUN_COLUMNS = {
     "status": "TEXT", "stop_reason": "TEXT", "steps": "INTEGER", "final_loss": "REAL", "best_loss": "REAL",
     "final_acc": "REAL", "wall_s": "REAL", "state_size": "INTEGER", "error": "TEXT", "config": "TEXT",
     "version": "TEXT", "finished_at": "TEXT", "identity": "TEXT", "family": "TEXT", "d_model": "INTEGER",
-    "lr": "REAL", "eval_seq_len": "INTEGER",
+    "lr": "REAL", "eval_seq_len": "INTEGER", "device": "TEXT",
 }
 BENCH_COLUMNS = {
     "memory": "TEXT", "task": "TEXT", "num_keys": "INTEGER", "seq_len": "INTEGER", "form": "TEXT",

@@ -23,6 +23,7 @@ code"). The suite's defaults:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -35,11 +36,21 @@ import torch
 from .config import RunConfig
 from .families import family
 from .families.retrieval import _EVAL, _INIT, _PHI, _TRAIN, _gen, build_model, chunk_weights, evaluate
+from .runtime import device_name, resolve_device
 
 __all__ = ["train_run", "failed_result", "build_model", "evaluate", "chunk_weights", "_gen", "_INIT", "_TRAIN",
            "_EVAL", "_PHI"]
 
 log = logging.getLogger(__name__)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch or evaluation set (a dataclass of tensors) with every tensor on ``device``; itself on the CPU."""
+    if device.type == "cpu":
+        return batch
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                                         for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 def _finite_params(model: torch.nn.Module) -> bool:
@@ -60,11 +71,13 @@ def train_run(cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None 
     fam = family(cfg.model.kind)
     # The protocol options in force (each raises ConfigError, naming the field, on an unknown value).
     fresh_sets, train_on = tc.option("eval_set") == "fresh", tc.option("nonfinite") == "continue"
+    device = resolve_device(tc.device, "train.device")
     task = cfg.task.build()
-    model = fam.build(cfg, task)
+    model = fam.build(cfg, task).to(device)
     opt, schedule = fam.optimizer(cfg, model)
     train_gen, eval_gen = _gen(cfg.seed, _TRAIN), _gen(cfg.seed, _EVAL)
-    eval_set = task.eval_set(eval_gen)  # the run's evaluation set ("fixed"), or the first of a series ("fresh")
+    # the run's evaluation set ("fixed"), or the first of a series ("fresh"); drawn on the host, moved once
+    eval_set = to_device(task.eval_set(eval_gen), device)
     tracker = fam.tracker(cfg)
 
     curves: list[tuple] = []
@@ -73,7 +86,7 @@ def train_run(cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None 
     status, reason, step, train_sum, grad_norm = "done", "max_steps", 0, 0.0, 0.0
     first_bad, n_evals = None, 0  # the first step with a non-finite value (nonfinite = "continue")
     for step in range(1, tc.max_steps + 1):
-        loss = fam.train_loss(model, task.sample(tc.batch_size, train_gen))
+        loss = fam.train_loss(model, to_device(task.sample(tc.batch_size, train_gen), device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         lv = loss.item()
@@ -95,7 +108,7 @@ def train_run(cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None 
             continue
         grad_norm = _grad_norm(model)
         if fresh_sets and n_evals:
-            eval_set = task.eval_set(eval_gen)
+            eval_set = to_device(task.eval_set(eval_gen), device)
         n_evals += 1
         ev = fam.evaluate(model, eval_set, cfg)
         n_train = step % tc.eval_every or tc.eval_every
@@ -132,7 +145,8 @@ def train_run(cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None 
         diags += [(step, *d) for d in fam.final(model, task, cfg, eval_gen)]
     row = run_row(cfg, status=status, stop_reason=reason, steps=step, final_loss=final_loss,
                   best_loss=best if math.isfinite(best) else None, final_acc=final_acc,
-                  wall_s=time.perf_counter() - t0, **fam.row(model, cfg, task))
+                  wall_s=time.perf_counter() - t0, device=f"{device} ({device_name(device)})",
+                  **fam.row(model, cfg, task))
     return {"row": row, "curves": curves, "diagnostics": diags}
 
 

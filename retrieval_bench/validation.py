@@ -79,6 +79,13 @@ def check_fields(where: str, sec: str, values: dict[str, Any]) -> None:
             if (sec, key) in _CHOICES and v not in _CHOICES[sec, key]:
                 raise ConfigError(f"{where}.{key}: must be one of {', '.join(map(repr, _CHOICES[sec, key]))}, "
                                   f"got {v!r}")
+            if (sec, key) == ("train", "device"):
+                from .runtime import resolve_device
+
+                try:
+                    resolve_device(v, f"{where}.{key}")
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
             if (sec, key) == ("train", "warmup") and not 0 <= v < 1:
                 raise ConfigError(f"{where}.{key}: a fraction of max_steps in [0, 1), got {v}")
             if (sec, key) == ("train", "stop_acc") and not 0 < v <= 1:

@@ -115,6 +115,15 @@ def scoped_registries():
         yield regs
 
 
+@pytest.fixture
+def fake_save(monkeypatch):
+    """Reports without rendering: PNG + PDF output is the slow part of a report, so tests of what a report holds
+    skip it and get the paths it would write (test_report.py's tests named "renders" render for real)."""
+    from retrieval_bench.report import write
+
+    monkeypatch.setattr(write, "_save", lambda fig, stem: [stem.with_suffix(".png"), stem.with_suffix(".pdf")])
+
+
 # ---- tiny experiments --------------------------------------------------------------------------------------
 
 #: The smallest experiment worth running: one capacity run with S = 4, two evaluations in 20 steps. A test

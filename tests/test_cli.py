@@ -35,7 +35,8 @@ def test_version_is_the_one_in_the_code():
     assert res.exit_code == 0 and res.output.strip() == f"retrieval-bench, version {retrieval_bench.__version__}"
 
 
-def test_run_writes_store_table_and_report(tiny, tmp_path):
+def test_run_writes_store_table_and_report(tiny, tmp_path, fake_save):
+    """Store, table and report.md (its figures not rendered: fake_save; test_report.py renders), then resume."""
     store, out = tmp_path / "r.db", tmp_path / "plots"
     res = CliRunner().invoke(main, ["run", str(tiny), "--store", str(store), "--workers", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -316,14 +316,8 @@ def test_load_frames_fills_missing_tables(tmp_path, frames):
     assert not missing.exists()
 
 
-def _fake_save(fig, stem):
-    return [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-
-
-@pytest.fixture
-def fake_save(monkeypatch):
-    """Rendering PNG + PDF is the slow part: logic tests skip it (one test renders for real)."""
-    monkeypatch.setattr(report.write, "_save", _fake_save)
+# fake_save (conftest): rendering PNG + PDF is the slow part, so logic tests skip it; the two tests below whose
+# names say "renders" render for real.
 
 
 def test_write_report_renders_every_file_and_links_each_png(store, tmp_path):
@@ -562,7 +556,13 @@ def test_write_report_shows_normalisation_only_where_it_applies(tmp_path, frames
         assert "ormalisation" not in md and "_Skipped" not in md
 
 
-def test_write_report_renders_normalisation_figure(tmp_path):
+def test_write_report_renders_normalisation_figure(tmp_path, monkeypatch):
+    real = report.write._save
+
+    def save(fig, stem):  # the normalisation figure for real; the capacity figure's rendering is tested above
+        return real(fig, stem) if stem.name == "normalisation" else [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+
+    monkeypatch.setattr(report.write, "_save", save)
     store = write_store(tmp_path / "r.db", {"runs": _norm_runs()})
     out = tmp_path / "plots"
     paths = report.write_report(store, out)

@@ -54,11 +54,11 @@ class LMFamily:
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         warm = int(round(tc.warmup * tc.max_steps))
 
-        def factor(step: int) -> float:  # step = optimizer steps taken so far
+        def factor(step: int) -> float:  # the rate of the optimizer step that follows ``step`` steps taken
             if step < warm:
                 return (step + 1) / warm
-            if tc.schedule == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, tc.max_steps - warm))))
+            if tc.schedule == "cosine":  # from the peak, just after the warm-up, down to 0 at the last step
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm + 1) / max(1, tc.max_steps - warm))))
             return 1.0
 
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
