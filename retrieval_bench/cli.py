@@ -155,15 +155,22 @@ def _final_table(st, experiment: str, console: Console) -> None:
     if runs.empty:
         return
     from .report import final_loss_table
+    from .report.lm import accuracy_by_state_table, is_lm
 
-    pivot = final_loss_table(runs)
-    table = Table(title=f"final eval loss ({escape(experiment)}; median over seeds; columns: number of keys S)")
+    if is_lm(runs):
+        pivot = accuracy_by_state_table(runs).set_index(["memory", "d_model", "state_size"])
+        title = f"query accuracy ({escape(experiment)}; best lr, median over seeds; rows: memory, d_model, state)"
+    else:
+        pivot = final_loss_table(runs)
+        title = f"final eval loss ({escape(experiment)}; median over seeds; columns: number of keys S)"
+    table = Table(title=title)
     table.add_column("memory", no_wrap=True)
     for col in pivot.columns:
         table.add_column(escape(str(col)), justify="right", no_wrap=True)
     for mem, row in pivot.iterrows():
         name = " ".join(map(str, mem)) if isinstance(mem, tuple) else str(mem)
-        table.add_row(escape(name), *("-" if v != v else f"{v:.1e}" for v in row.values))
+        table.add_row(escape(name), *("-" if v != v else f"{v:.3f}" if is_lm(runs) else f"{v:.1e}"
+                                      for v in row.values))
     # A pipe or a narrow terminal would squeeze the numbers into ellipses: size the table to its content.
     Console(width=max(Console().width, 30 + 11 * len(pivot.columns))).print(table)
 

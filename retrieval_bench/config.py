@@ -182,7 +182,11 @@ class Experiment:
         for combo in itertools.product(*(vals for _, _, vals in axes)):
             secs = {"task": dict(self.task), "model": dict(self.model), "train": dict(self.train)}
             for (sec, key, _), val in zip(axes, combo, strict=True):
-                secs[sec][key] = val
+                if key == POINTS:  # a paired axis: each point sets several settings together
+                    del secs[sec][key]
+                    secs[sec].update(val)
+                else:
+                    secs[sec][key] = val
             for memory, changes in self.overrides:
                 if secs["model"].get("memory") == memory:
                     for sec, vals in changes.items():
@@ -193,6 +197,9 @@ class Experiment:
 
 
 _TOP_KEYS = {"name", "description", "seeds", "task", "model", "train", "override"}
+#: a section's paired axis: ``points = [{seq_len = 64, num_kv_pairs = 8}, {seq_len = 128, ...}]`` sets those
+#: settings together, one point per run (Zoology's (L, pairs) pairs), where a plain list would make their product
+POINTS = "points"
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -265,8 +272,10 @@ def _validate(exp: Experiment, max_runs: int = DEFAULT_MAX_RUNS) -> None:
                           f"{task_name!r}")
     allowed_task = _task_params(task_name) | {"name"}
     for key in exp.task:
-        if key not in allowed_task:
-            raise ConfigError(_unknown(f"task.{key}", key, allowed_task))
+        for inner in (exp.task[key][0] if key == POINTS else {key: None}):
+            if inner not in allowed_task:
+                where = f"task.{POINTS}.{inner}" if key == POINTS else f"task.{key}"
+                raise ConfigError(_unknown(where, inner, allowed_task))
     check_override_memories(exp)
     # The protocol options (train.protocol, eval_set, eval_mean, eval_omega, nonfinite): known values only.
     for where, train in [("train", exp.train),

@@ -70,6 +70,9 @@ def _fmt_s(s: float) -> str:
 def label(cfg: RunConfig) -> str:
     kw = cfg.task.kwargs()
     extra = f" L={kw['seq_len']}" if "seq_len" in kw else ""
+    if cfg.model.kind == "lm":  # a token-stream run: its pairs, length, width and learning rate
+        return (f"{cfg.model.memory} pairs={kw.get('num_kv_pairs')}{extra} d={cfg.model.d_model} "
+                f"lr={cfg.train.lr:g} seed={cfg.seed}")
     return f"{cfg.model.memory} S={kw.get('num_keys')}{extra} seed={cfg.seed}"
 
 
@@ -107,8 +110,10 @@ def run_sweep(exp: Experiment, store: Store, executor: Executor, rerun: bool = F
             if not use_live:
                 loss = row.get("final_loss")
                 name = escape(state.labels.get(row["run_id"], row["run_id"]))
+                acc = row.get("final_acc") if row.get("family") == "lm" else None  # a language model: accuracy
                 console.print(f"[{state.finished}/{state.total}] {name}: {status}"
-                              + (f", final eval loss {loss:.4g}" if loss is not None else ""), highlight=False)
+                              + (f", final eval loss {loss:.4g}" if loss is not None else "")
+                              + (f", query accuracy {acc:.3f}" if acc is not None else ""), highlight=False)
             if lv is not None:
                 lv.refresh()
     return state

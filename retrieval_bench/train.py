@@ -23,7 +23,6 @@ code"). The suite's defaults:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig
-from .families import family
+from .families import family, to_device
 from .families.retrieval import _EVAL, _INIT, _PHI, _TRAIN, _gen, build_model, chunk_weights, evaluate
 from .runtime import device_name, resolve_device
 
@@ -42,15 +41,6 @@ __all__ = ["train_run", "failed_result", "build_model", "evaluate", "chunk_weigh
            "_EVAL", "_PHI"]
 
 log = logging.getLogger(__name__)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """A batch or evaluation set (a dataclass of tensors) with every tensor on ``device``; itself on the CPU."""
-    if device.type == "cpu":
-        return batch
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
-                                         for f in dataclasses.fields(batch)
-                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
 def _finite_params(model: torch.nn.Module) -> bool:

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 from .config import (
+    POINTS,
     ConfigError,
     Experiment,
     ModelConfig,
@@ -44,6 +45,9 @@ def check_section(where: str, values: Any, axes: bool = True) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: must be a table, got {type(values).__name__} {values!r}")
     for key, val in values.items():
+        if key == POINTS and axes:
+            check_points(f"{where}.{key}", val)
+            continue
         if isinstance(val, list):
             if not axes:
                 raise ConfigError(f"{where}.{key}: an override sets one value, not a list ({val!r})")
@@ -53,6 +57,22 @@ def check_section(where: str, values: Any, axes: bool = True) -> None:
                 check_leaf(f"{where}.{key}", v)
         else:
             check_leaf(f"{where}.{key}", val)
+
+
+def check_points(where: str, points: Any) -> None:
+    """A paired axis: a non-empty list of tables with the same keys, each value a scalar."""
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) and p for p in points):
+        raise ConfigError(f"{where}: a paired axis is a non-empty list of tables, e.g. [{{seq_len = 64, "
+                          f"num_kv_pairs = 8}}, {{seq_len = 128, num_kv_pairs = 16}}], got {points!r}")
+    keys = set(points[0])
+    for i, p in enumerate(points):
+        if set(p) != keys:
+            raise ConfigError(f"{where}[{i}]: every point sets the same keys ({', '.join(sorted(keys))}), got "
+                              f"{', '.join(sorted(p))}")
+        for k, v in p.items():
+            if k == POINTS:
+                raise ConfigError(f"{where}[{i}].{k}: points do not nest")
+            check_leaf(f"{where}[{i}].{k}", v)
 
 
 _AT_LEAST_1 = {("train", k) for k in ("batch_size", "eval_every", "max_steps", "patience", "diag_positions")}
@@ -67,6 +87,10 @@ LM_ONLY = {("model", k) for k in ("d_model", "n_layers", "n_heads", "conv", "mlp
 def check_fields(where: str, sec: str, values: dict[str, Any]) -> None:
     """Keys, types and ranges of a model or train table (a section or an override's)."""
     allowed = _fields(ModelConfig if sec == "model" else TrainConfig)
+    if POINTS in values:  # a paired axis: its points' settings, checked as if each were the section's
+        for i, point in enumerate(values[POINTS]):
+            check_fields(f"{where}.{POINTS}[{i}]", sec, point)
+        values = {k: v for k, v in values.items() if k != POINTS}
     for key, val in values.items():
         if key not in allowed:
             raise ConfigError(_unknown(f"{where}.{key}", key, allowed))

@@ -60,7 +60,8 @@ FORMS = [  # (rule, attn, normalisation of the features)
     pytest.param(DeltaRule(), True, sum_norm, id="delta-attn"),
     pytest.param(DeltaRule(), False, l2_norm, id="delta-l2"),
 ]
-LENGTHS = [pytest.param(T, C, id=f"T{T}-C{C}") for T, C in [(1, 64), (70, 64), (64, 64), (13, 4), (9, 1)]]
+LENGTHS = [pytest.param(T, C, id=f"T{T}-C{C or 'default'}")
+           for T, C in [(1, None), (150, None), (128, None), (13, 4), (9, 1)]]
 
 
 def _fast(rule, k, v, q, beta, attn, chunk):
@@ -72,7 +73,8 @@ def _fast(rule, k, v, q, beta, attn, chunk):
 @pytest.mark.parametrize("T,chunk", LENGTHS)
 @pytest.mark.parametrize("rule,attn,norm", FORMS)
 def test_chunked_forms_equal_the_loop_float64(rule, attn, norm, T, chunk):
-    """At the default chunk (T = 70: one full chunk and a ragged 6; T = 64: exactly one) and at small ones."""
+    """At the default chunks (sum 128, delta 32; T = 150: full chunks and a ragged last one, T = 128: full
+    chunks only) and at small ones."""
     k, v, q, beta = _features(2, T, 5, 3, torch.float64, norm)
     gates = {"beta": beta} if isinstance(rule, DeltaRule) else {}
     y = _fast(rule, k, v, q, beta, attn, chunk)
@@ -91,11 +93,11 @@ def test_chunked_forms_equal_the_loop_float64(rule, attn, norm, T, chunk):
 
 @pytest.mark.parametrize("rule,attn,norm", FORMS)
 def test_chunked_forms_float32(rule, attn, norm):
-    """In float32 at the default chunk, over two chunks: within 1e-5 of the float64 loop (relative to its scale)."""
-    k, v, q, beta = _features(2, 100, 8, 4, torch.float64, norm)
+    """In float32 at the default chunks, over several: within 1e-5 of the float64 loop (relative to its scale)."""
+    k, v, q, beta = _features(2, 300, 8, 4, torch.float64, norm)
     gates = {"beta": beta} if isinstance(rule, DeltaRule) else {}
     y_ref = causal_loop(rule, k, v, q, gates, attn)
-    y = _fast(rule, k.float(), v.float(), q.float(), beta.float(), attn, causal.CHUNK)
+    y = _fast(rule, k.float(), v.float(), q.float(), beta.float(), attn, None)
     assert y.dtype == torch.float32
     assert_rel(y.double(), y_ref, 1e-5, "float32 outputs")
 
@@ -258,3 +260,15 @@ def test_bad_shapes_name_the_field(spec, field, bad):
     args.update(bad)
     with pytest.raises(ValueError, match=f"causal: {field} must be"):
         rb.memory(spec, d_key=4).causal(**args)
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 16, 37, 64])
+def test_unit_lower_inverse(C):
+    """(I + N)⁻¹ by recursive doubling equals the triangular solve, for sizes that are and are not powers of 2,
+    with N as the delta rule makes it (β_i φ_i·φ_j below the diagonal, l2-normalised positive features)."""
+    phi = l2_norm(torch.nn.functional.elu(torch.randn(3, 2, C, 8, dtype=torch.float64)) + 1)
+    N = (torch.rand(3, 2, C, 1, dtype=torch.float64) * (phi @ phi.mT)).tril(-1)
+    eye = torch.eye(C, dtype=torch.float64)
+    X = causal.unit_lower_inverse(N)
+    assert_rel(X, torch.linalg.solve_triangular(N + eye, eye.expand_as(N), upper=False), 1e-13)
+    assert_rel(X @ (N + eye), eye.expand_as(N), 1e-13)

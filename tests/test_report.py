@@ -316,10 +316,11 @@ def test_load_frames_fills_missing_tables(tmp_path, frames):
     assert not missing.exists()
 
 
-# fake_save (conftest): rendering PNG + PDF is the slow part, so logic tests skip it; the two tests below whose
-# names say "renders" render for real.
+# fake_save (conftest): rendering PNG + PDF is the slow part, so logic tests skip it; the two tests whose names
+# say "renders" render for real (the one that renders every figure is marked slow).
 
 
+@pytest.mark.slow  # 5-12 s on two busy cores: five figures, each as PNG and PDF
 def test_write_report_renders_every_file_and_links_each_png(store, tmp_path):
     out = tmp_path / "plots"
     paths = report.write_report(store, out, experiment="update_rules")

@@ -200,7 +200,7 @@ def cpu_graphs(monkeypatch):
     checkpointed.clear_fwm_graphs()
 
 
-@pytest.mark.parametrize("l", [1, 2, 23, 60])
+@pytest.mark.parametrize("l", [1, 2, 3, 4, 9, 10, 11, 20, 21, 23, 36, 57, 60])
 def test_fwm_plans_equal_the_loop(plan_levels, l):
     xs = _fwm_inputs(l)
     assert checkpointed._plan(xs[0], xs[1])[0] == (plan_levels if l > 1 or plan_levels != 2 else 2)

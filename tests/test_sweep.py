@@ -1,8 +1,8 @@
 """Sweeps: resume skips stored runs; the process pool gives the inline numbers; a driver killed mid-way loses no
 finished run and completes later, and leaves no process behind.
 
-The tests whose workers or driver die, and which wait for the processes to go, are marked ``slow`` (5-25 s each
-on two busy cores): ``python -m pytest -q -m slow``.
+Every test that starts a process pool or a driver process is marked ``slow`` (5-25 s each on two busy cores):
+``python -m pytest -q -m slow``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def test_resume_skips_finished_runs(tmp_path, tiny_experiment):
     assert rerun.done == 8 and len(st.load("runs")) == 8
 
 
+@pytest.mark.slow
 def test_process_pool_gives_the_same_numbers_as_inline_and_reports_progress(tmp_path, tiny_experiment,
                                                                              record_events):
     exp = tiny_experiment.load(**sweep(20))

@@ -23,6 +23,19 @@ if TYPE_CHECKING:
 KINDS = ("retrieval", "lm")
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch or evaluation set (a dataclass of tensors) with every tensor on ``device``; itself on the CPU."""
+    import dataclasses
+
+    import torch
+
+    if device.type == "cpu":
+        return batch
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device, non_blocking=True)
+                                         for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
 @dataclass
 class Evaluation:
     """One evaluation: the loss and accuracy the protocol uses, and what the family records beside them.

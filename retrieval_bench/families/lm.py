@@ -25,7 +25,7 @@ import torch
 
 from ..config import RunConfig
 from ..lm import IGNORE_INDEX, CausalLM, lm
-from . import Evaluation
+from . import Evaluation, to_device
 
 _EVAL_CHUNK_TOKENS = 1 << 16  # at most this many tokens per evaluation forward
 
@@ -108,13 +108,14 @@ class LMFamily:
     def final(self, model: CausalLM, task: Any, cfg: RunConfig, generator: torch.Generator) -> list[tuple]:
         """Accuracy at doubling evaluation lengths (extrapolation), and each layer's memory diagnostics."""
         rows: list[tuple] = []
+        device = next(model.parameters()).device
         length = task.seq_len * 2
         while cfg.train.diagnostics and length <= task.eval_seq_len and length > task.seq_len:
-            ev = task.eval_set(generator, seq_len=length)
+            ev = to_device(task.eval_set(generator, seq_len=length), device)
             rows.append((length, "acc_by_length", self.evaluate(model, ev, cfg).acc))
             length *= 2
         if cfg.train.diagnostics:
-            rows += layer_diagnostics(model, task.eval_set(generator), cfg.train.diag_positions)
+            rows += layer_diagnostics(model, to_device(task.eval_set(generator), device), cfg.train.diag_positions)
         return rows
 
     def row(self, model: CausalLM, cfg: RunConfig, task: Any) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def layer_diagnostics(model: CausalLM, ev, max_positions: int, max_sequences: in
             for h in range(H):
                 part = {k: v[h::H] for k, v in trace.items() if isinstance(v, torch.Tensor) and v.dim() >= 2
                         and v.shape[0] == tokens.shape[0] * H}
-                mask = torch.ones(tokens.shape[0], 1, dtype=torch.bool)
+                mask = torch.ones(tokens.shape[0], 1, dtype=torch.bool, device=tokens.device)
                 rows += [(p, f"L{layer}H{h}.{name}", val)
                          for p, name, val in trace_rows(part, tokens, mask, max_positions=max_positions)]
     finally:

@@ -192,8 +192,8 @@ class FastWeightMemory(Memory):
         k, q = self.features(keys, queries)
         return reference_loop(self.rule, k, values, q, self._gates(keys, betas, gates), self.attn)[0]
 
-    #: steps per chunk of the chunked causal forms (sum and delta rules)
-    causal_chunk = _causal.CHUNK
+    #: steps per chunk of the chunked causal forms; None: each form's default (causal.SUM_CHUNK, DELTA_CHUNK)
+    causal_chunk: int | None = None
 
     def causal(self, keys, values, queries, betas=None, **gates):
         """Every position's read after its write (``Memory.causal``): φ once for keys and queries, then the

@@ -3,8 +3,9 @@
 FWM clips the norm of what it writes, so its loop admits no parallel form: the forward is the loop itself.
 ``fwm_state`` gives the final state W after L steps and, in its backward, recomputes states from checkpoints
 instead of storing all L of them: O(√L) states alive at once with one level of checkpoints, O(L^⅓) with two
-(used where one level would exceed ``FWM_STATE_BUDGET`` bytes). It computes the same numbers as the per-step
-loop of ``reference.py`` (up to float rounding); the tests compare them in outputs and gradients.
+(used where one level would exceed ``FWM_STATE_BUDGET`` bytes), all in one bank of ``fwm_peak_states`` states
+allocated by the forward (``_Bank``). It computes the same numbers as the per-step loop of ``reference.py`` (up
+to float rounding); the tests compare them in outputs and gradients.
 
 Ops per step. The loop is sequential, so its time is L times the cost of one step's ops; on a GPU, at these
 sizes, that cost is each op's launch (~5-10 µs), not its work. So a step does the least it can and everything
@@ -83,7 +84,7 @@ def _plan(a: torch.Tensor, v: torch.Tensor) -> tuple[int, tuple[int, ...]]:
 
 class _Steps:
     """Per-step views of FWM's inputs, made once per pass: a (B, L, F), v (B, L, V), beta (B, L) give rows
-    a[t], βa[t] (B, 1, F), v[t] (B, 1, V), and for the backward -βa[t]."""
+    a[t], βa[t] (B, 1, F), v[t] (B, 1, V), and for the backward -βa[t]; plus scratch for in-place steps."""
 
     def __init__(self, a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, backward: bool = False):
         self.B, self.L, self.F = a.shape
@@ -96,9 +97,33 @@ class _Steps:
         self.v = v.unsqueeze(2).unbind(1)
         self.v0 = v[:, 0, :, None]  # (B, V, 1)
         self.nba = torch.neg(ba).unsqueeze(2).unbind(1) if backward else None
+        self._scratch = None
 
     def new(self, *shape: int) -> torch.Tensor:
         return self.like.new_empty(shape)
+
+    def scratch(self):
+        """d (B, 1, V), its column, n and m (B, 1, 1), for steps whose record is not kept."""
+        if self._scratch is None:
+            d = self.new(self.B, 1, self.V)
+            self._scratch = (d, d.transpose(1, 2), self.new(self.B, 1, 1), self.new(self.B, 1, 1))
+        return self._scratch
+
+
+class _Bank:
+    """States (slots, B, V, F) with each slot's views made once: W, Wᵀ, and W flattened to a row (B, 1, V·F).
+
+    One bank holds the checkpoints and the states recomputed from them: segment i of a pass (entering state in
+    slot i) is recomputed into slots i+1 .. i+s_i, whose checkpoints the backward, going last to first, no longer
+    needs; ``fwm_segments`` keeps i + 1 + s_i within ``fwm_peak_states`` slots. So the backward allocates no
+    state, and slot i followed by the segment's states are the W_{t-1} of its steps, contiguous.
+    """
+
+    def __init__(self, x: _Steps, slots: int, tensor: torch.Tensor | None = None):
+        self.tensor = x.new(slots, x.B, x.V, x.F) if tensor is None else tensor
+        self.W = self.tensor.unbind(0)
+        self.Wt = self.tensor.transpose(2, 3).unbind(0)
+        self.flat = self.tensor.view(slots, x.B, 1, x.V * x.F).unbind(0)
 
 
 def _step(x: _Steps, t: int, W, Wt, out, d, dc, n, m) -> None:
@@ -117,28 +142,22 @@ def _step(x: _Steps, t: int, W, Wt, out, d, dc, n, m) -> None:
     out.div_(m)
 
 
-def _advance(x: _Steps, W0, first: int, stop: int, starts=()):
-    """Steps first..stop-1 from W0 (the state entering ``first``; None before step 0), in place on one buffer.
-    Returns the final state and the states entering the steps in ``starts`` (W0 itself for ``first``; ``stop``
-    may be one of them)."""
-    starts = set(starts)
-    saved = [W0] if first in starts else []
-    if stop <= first:
-        return W0, saved
-    W = x.new(x.B, x.V, x.F) if W0 is None else W0.clone()
-    Wt = W.transpose(1, 2)
-    d, n, m = x.new(x.B, 1, x.V), x.new(x.B, 1, 1), x.new(x.B, 1, 1)
-    dc = d.transpose(1, 2)
+def _run(x: _Steps, W, Wt, first: int, stop: int) -> None:
+    """Steps first..stop-1 in place on W (the state entering ``first``; its content is ignored at step 0)."""
+    d, dc, n, m = x.scratch()
     for t in range(first, stop):
-        if t in starts and t != first:
-            saved.append(W.clone())
         if t == 0:  # W_1 = β_1 v_1 ⊗ a_1, no clipping
             torch.mul(x.v0, x.ba[0], out=W)
         else:
             _step(x, t, W, Wt, W, d, dc, n, m)
-    if stop in starts:
-        saved.append(W)  # the state entering ``stop``: the buffer itself, nothing changes it now
-    return W, saved
+
+
+def _checkpoint(x: _Steps, bank: _Bank, k: int, first: int, sizes) -> None:
+    """From the state in slot k (entering step ``first``), the states entering segments 1, 2, ... of ``sizes``
+    into slots k+1, k+2, ... (each advanced in place from a copy of the one before)."""
+    for j, start in enumerate(_starts(first, sizes)[:-1]):
+        bank.W[k + j + 1].copy_(bank.W[k + j])
+        _run(x, bank.W[k + j + 1], bank.Wt[k + j + 1], start, start + sizes[j])
 
 
 class _Work:
@@ -165,24 +184,19 @@ class _Work:
         torch.div(self.N >= 1.0, self.M, out=self.C)
 
 
-def _recompute(x: _Steps, W0, first: int, size: int, w: _Work):
-    """Steps first..first+size-1 from W0, keeping what their backward needs: returns the states S
-    (size, B, V, F) (S[j] after step first+j) and their views; d, m, c in w's first ``size`` slots."""
-    S = x.new(size, x.B, x.V, x.F)
-    states, states_t = S.unbind(0), S.transpose(2, 3).unbind(0)
-    W, Wt = W0, (None if W0 is None else W0.transpose(1, 2))
+def _recompute(x: _Steps, bank: _Bank, k: int, first: int, size: int, w: _Work) -> None:
+    """Steps first..first+size-1 from the state in slot k, into slots k+1..k+size, keeping what their backward
+    needs in w's first ``size`` slots: d, m and c."""
     for j in range(size):
-        t = first + j
+        t, prev, cur = first + j, k + j, k + j + 1
         if t == 0:  # unclipped: m = 1 and no projection in the backward; d = v (W_0 = 0)
-            torch.mul(x.v0, x.ba[0], out=states[0])
+            torch.mul(x.v0, x.ba[0], out=bank.W[cur])
             w.d[0].copy_(x.v[0])
             w.n[0].zero_()
             w.m[0].fill_(1.0)
         else:
-            _step(x, t, W, Wt, states[j], w.d[j], w.dc[j], w.n[j], w.m[j])
-        W, Wt = states[j], states_t[j]
+            _step(x, t, bank.W[prev], bank.Wt[prev], bank.W[cur], w.d[j], w.dc[j], w.n[j], w.m[j])
     w.coefficients()
-    return S, states
 
 
 class _Grads:
@@ -190,8 +204,8 @@ class _Grads:
     time through (L, B, ·) views: ∂ℓ/∂a_t = β (dᵀ G̃ - g_δᵀ W_{t-1}), ∂ℓ/∂v_t = β g_δ, ∂ℓ/∂β_t = g_δ·d."""
 
     def __init__(self, x: _Steps, needs):
-        like = (x.like, x.v0.new_empty(x.B, x.L, x.V), x.beta)
-        self.grads = [torch.empty_like(t) if need else None for t, need in zip(like, needs, strict=True)]
+        shapes = ((x.B, x.L, x.F), (x.B, x.L, x.V), (x.B, x.L))
+        self.grads = [x.new(*shape) if need else None for shape, need in zip(shapes, needs, strict=True)]
         self.T = [None if g is None else g.transpose(0, 1) for g in self.grads]
         self.beta = x.beta.t()[:, :, None]  # (L, B, 1)
 
@@ -207,77 +221,80 @@ class _Grads:
             torch.sum(w.GD3[:size] * w.D3[:size], -1, out=gbeta[span])
 
 
-def _backprop(x: _Steps, w: _Work, W0, first: int, S, states, G, out: _Grads) -> None:
-    """Backprop G = ∂ℓ/∂W_{first+size} through the segment recorded by ``_recompute`` (from W0), in place:
-    G ends as ∂ℓ/∂W_first. Writes the segment's gradients into ``out``.
+def _backprop(x: _Steps, w: _Work, bank: _Bank, k: int, first: int, size: int, G, out: _Grads) -> None:
+    """Backprop G = ∂ℓ/∂W_{first+size} through the segment that ``_recompute`` put in slots k+1..k+size (entering
+    state in slot k), in place: G ends as ∂ℓ/∂W_first. Writes the segment's gradients into ``out``.
 
     Per step, 7 ops: with W̃ = W_{t-1} + δ ⊗ a, δ = β d, d = v - W_{t-1} a and W_t = W̃ / m,
     G̃ = (G - [n >= 1] (G·W_t) W_t) / m = ∂ℓ/∂W̃; g_δ = G̃ a; dᵀ G̃; and ∂ℓ/∂W_{t-1} = G̃ - β g_δ ⊗ a.
     W_{t-1}'s share of ∂ℓ/∂a_t, -β W_{t-1}ᵀ g_δ, needs nothing of the next step: one op for the segment.
     """
     B, V, F = x.B, x.V, x.F
-    size = S.shape[0]
     Gt, Gf = G.transpose(1, 2), G.view(B, V * F, 1)
-    flat = S.view(size, B, 1, V * F).unbind(0)
     for j in range(size - 1, -1, -1):
-        t = first + j
+        t, cur = first + j, k + j + 1
         if t > 0:
-            torch.bmm(flat[j], Gf, out=w.dot)  # G·W_t
+            torch.bmm(bank.flat[cur], Gf, out=w.dot)  # G·W_t
             w.dot.mul_(w.c[j])
             G.div_(w.m[j])
-            G.addcmul_(states[j], w.dot, value=-1)  # G̃
+            G.addcmul_(bank.W[cur], w.dot, value=-1)  # G̃
         torch.bmm(x.a[t], Gt, out=w.gd[j])  # g_δ = G̃ a (B, 1, V)
         torch.bmm(w.d[j], G, out=w.ga[j])  # dᵀ G̃ (B, 1, F)
         if t > 0:
             G.addcmul_(w.gdc[j], x.nba[t])
-    # the states before the segment's steps are W0 (none before step 0) and S[:-1]
-    if size > 1:
-        w.GA[1:size].view(-1, 1, F).baddbmm_(w.GD[1:size].view(-1, 1, V), S[:-1].view(-1, V, F), alpha=-1)
-    if W0 is not None:
-        w.ga[0].baddbmm_(w.gd[0], W0, alpha=-1)
+    # W_{t-1} of the segment's steps: slots k..k+size-1 (slot 0 holds W_0 = 0)
+    w.GA[:size].view(-1, 1, F).baddbmm_(w.GD[:size].view(-1, 1, V), bank.tensor[k:k + size].view(-1, V, F),
+                                        alpha=-1)
     out.write(first, size, w)
 
 
+def _segments_backward(x: _Steps, w: _Work, bank: _Bank, k: int, first: int, sizes, G, out: _Grads) -> None:
+    """Backprop through segments ``sizes`` from step ``first``, whose entering states are in slots k, k+1, ...:
+    each, last to first, recomputed into the slots after its own, then backpropagated."""
+    for i, (start, size) in reversed(list(enumerate(zip(_starts(first, sizes), sizes, strict=True)))):
+        _recompute(x, bank, k + i, start, size, w)
+        _backprop(x, w, bank, k + i, start, size, G, out)
+
+
 def _forward(a, v, beta, plan) -> list[torch.Tensor]:
-    """[W_L, *saved]: saved is what ``_backward`` needs, the record of every step with levels 0, else the
-    checkpoints entering segments 1, 2, ... (segment 0 starts from nothing)."""
+    """[W_L, *saved]: saved is what ``_backward`` needs: with levels 0 every state (a bank of L + 1, W_0 = 0
+    first) and the record d, m, c; else a bank of ``fwm_peak_states`` slots with the checkpoints entering the
+    segments in its first slots."""
     levels, sizes = plan
     x = _Steps(a, v, beta)
     if levels == 0:
-        w = _Work(x, x.L)
-        S, _ = _recompute(x, None, 0, x.L, w)
-        return [S[-1].clone(), S, w.D, w.M, w.C]  # W_L cloned: the caller must not be able to change the record
-    W, checkpoints = _advance(x, None, 0, x.L, _starts(0, sizes))
-    return [W, *checkpoints[1:]]
+        bank, w = _Bank(x, x.L + 1), _Work(x, x.L)
+        bank.W[0].zero_()
+        _recompute(x, bank, 0, 0, x.L, w)
+        return [bank.W[-1].clone(), bank.tensor, w.D, w.M, w.C]  # W_L cloned: the record must not change
+    bank = _Bank(x, fwm_peak_states(x.L, levels))
+    bank.W[0].zero_()
+    _checkpoint(x, bank, 0, 0, sizes)
+    W = bank.W[len(sizes) - 1].clone()
+    _run(x, W, W.transpose(1, 2), x.L - sizes[-1], x.L)
+    return [W, bank.tensor]
 
 
 def _backward(a, v, beta, plan, saved: list, G, needs=(True, True, True)) -> list[torch.Tensor | None]:
-    """(∂ℓ/∂a, ∂ℓ/∂v, ∂ℓ/∂beta) from G = ∂ℓ/∂W_L (None where not needed). Empties ``saved`` (a list), so that
-    each checkpoint is freed once its segment is done."""
+    """(∂ℓ/∂a, ∂ℓ/∂v, ∂ℓ/∂beta) from G = ∂ℓ/∂W_L (None where not needed). The bank in ``saved`` is overwritten."""
     levels, sizes = plan
     x = _Steps(a, v, beta, backward=True)
     out = _Grads(x, needs)
     G = G.clone(memory_format=torch.contiguous_format)
     if levels == 0:
-        S, D, M, C = saved
-        saved.clear()
-        _backprop(x, _Work(x, x.L, True, D, M, C), None, 0, S, S.unbind(0), G, out)
+        tensor, D, M, C = saved
+        _backprop(x, _Work(x, x.L, True, D, M, C), _Bank(x, x.L + 1, tensor), 0, 0, x.L, G, out)
         return out.grads
-    longest = fwm_segments(sizes[0])[0] if levels == 2 else sizes[0]
-    w = _Work(x, longest, backward=True)
-    checkpoints = [None, *saved]
-    saved.clear()
-    for start, size in zip(reversed(_starts(0, sizes)), reversed(sizes), strict=True):
-        W0 = checkpoints.pop()
-        if levels == 2:  # one checkpoint level down: sub-checkpoints, then each sub-segment
-            sub_sizes = fwm_segments(size)
-            sub_starts = _starts(start, sub_sizes)
-            subs = _advance(x, W0, start, sub_starts[-1], sub_starts)[1]
-            for s0, s in zip(reversed(sub_starts), reversed(sub_sizes), strict=True):
-                W = subs.pop()
-                _backprop(x, w, W, s0, *_recompute(x, W, s0, s, w), G, out)
-        else:
-            _backprop(x, w, W0, start, *_recompute(x, W0, start, size, w), G, out)
+    bank = _Bank(x, saved[0].shape[0], saved[0])
+    if levels == 1:
+        _segments_backward(x, _Work(x, sizes[0], backward=True), bank, 0, 0, sizes, G, out)
+        return out.grads
+    # two levels: segment i's own segments, checkpointed from slot i into the slots after it
+    w = _Work(x, fwm_segments(sizes[0])[0], backward=True)
+    for i, (start, size) in reversed(list(enumerate(zip(_starts(0, sizes), sizes, strict=True)))):
+        inner = fwm_segments(size)
+        _checkpoint(x, bank, i, start, inner)
+        _segments_backward(x, w, bank, i, start, inner, G, out)
     return out.grads
 
 
@@ -349,7 +366,7 @@ class _FWMState(torch.autograd.Function):
         out = graphs.forward(a, v, beta) if graphs is not None else _forward(a, v, beta, plan)
         ctx.save_for_backward(a, v, beta)
         ctx.plan, ctx.graphs = plan, graphs
-        ctx.saved = out[1:]  # a plain attribute: freed one by one during the backward
+        ctx.saved = out[1:]  # a plain attribute, dropped by the backward (which overwrites the bank)
         return out[0]
 
     @staticmethod
@@ -360,7 +377,7 @@ class _FWMState(torch.autograd.Function):
         if saved is None:  # a second backward through the graph (retain_graph): checkpoint again
             saved = (ctx.graphs.forward(a, v, beta) if ctx.graphs is not None
                      else _forward(a, v, beta, ctx.plan))[1:]
-        ctx.saved = None  # the local list alone holds them now
+        ctx.saved = None  # used up: a second backward must checkpoint again
         if ctx.graphs is not None:
             grads = ctx.graphs.backward(a, v, beta, saved, G)
         else:
@@ -386,4 +403,7 @@ def fwm_state(a: torch.Tensor, v: torch.Tensor, beta: torch.Tensor) -> torch.Ten
     """
     if torch.is_grad_enabled() and any(x.requires_grad for x in (a, v, beta)):
         return _FWMState.apply(a, v, beta)
-    return _advance(_Steps(a, v, beta), None, 0, a.shape[1])[0]  # no backward to come: no checkpoints
+    x = _Steps(a, v, beta)  # no backward to come: no checkpoints
+    W = x.new(x.B, x.V, x.F)
+    _run(x, W, W.transpose(1, 2), 0, x.L)
+    return W

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from .figures import _facets, _Panels, _require, _styled, _sweep_ticks
 from .frames import fmt, memory_order
@@ -60,7 +61,9 @@ def state_size_figure(runs: pd.DataFrame) -> Figure:
                 ax.plot(g["state_size"], g["acc"], color=p.colors[mem], marker="o", ms=3.5, lw=1.2)
                 ax.vlines(g["state_size"], g["acc_min"], g["acc_max"], color=p.colors[mem], lw=0.8, alpha=0.6)
                 p.drawn.add(mem)
-        ax.set(xscale="log", ylim=(-0.03, 1.03), xlabel="state size (floats, all layers and heads)",
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels at the decades only: minor ones collide
+        ax.set(ylim=(-0.03, 1.03), xlabel="state size (floats, all layers and heads)",
                ylabel="query accuracy (best lr)", title=title.replace("num_keys", "pairs").replace("seq_len", "T"))
     return p.finish([])
 
