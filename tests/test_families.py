@@ -128,3 +128,28 @@ def test_the_lm_report_takes_the_best_learning_rate_and_draws_its_figures(tmp_pa
     assert "Accuracy against state size" in md and "Learning rate per point" in md
     table = pd.read_csv(tmp_path / "plots" / "tiny_lm" / "accuracy_table.csv")
     assert set(table["memory"]) == {"softmax", "linear/sum"}
+
+
+def test_a_paired_axis_sets_its_settings_together():
+    raw = _lm_experiment()
+    raw["task"]["points"] = [{"seq_len": 16, "num_kv_pairs": 2}, {"seq_len": 32, "num_kv_pairs": 4}]
+    del raw["task"]["seq_len"], raw["task"]["num_kv_pairs"]
+    raw["model"]["d_model"] = [8, 16]
+    runs = from_dict(raw).expand()
+    pairs = sorted({(r.task.kwargs()["seq_len"], r.task.kwargs()["num_kv_pairs"]) for r in runs})
+    assert pairs == [(16, 2), (32, 4)] and len(runs) == 4  # 2 points x 2 widths, not 2 x 2 x 2
+    assert all("points" not in r.task.kwargs() for r in runs)
+
+
+@pytest.mark.parametrize("points, message", [
+    ([], "non-empty list of tables"),
+    ([{"seq_len": 16}, {"num_kv_pairs": 2}], "every point sets the same keys"),
+    ([{"seq_len": [16, 32]}], "nested list"),
+    ([{"seq_lenn": 16}], "task.points.seq_lenn: unknown key"),
+    ([{"seq_len": 4, "num_kv_pairs": 4}], "seq_len"),  # too short for its pairs: the task says so
+])
+def test_a_bad_paired_axis_names_the_field(points, message):
+    raw = _lm_experiment()
+    raw["task"]["points"] = points
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
