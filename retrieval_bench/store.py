@@ -104,6 +104,8 @@ class Store:
             try:
                 done = migrations.upgrade(self.path, con, RUN_COLUMNS, BENCH_COLUMNS)
                 migrations.note_fingerprint(con)
+                if "runs" in migrations.tables(con):  # a column this version writes and the store lacks
+                    migrations.add_missing_columns(con, "runs", RUN_COLUMNS)  # (nullable: nothing to back up)
                 con.execute("PRAGMA journal_mode=WAL")  # readers (report) never block the writing driver
                 con.executescript(SCHEMA)
                 if version is None:

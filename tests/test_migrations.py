@@ -153,6 +153,18 @@ def test_a_store_lacking_a_column_gains_it_and_takes_new_runs(old_store):
     assert _rows(old_store, f"SELECT state_size FROM runs WHERE run_id = '{cfg.run_id}'") == [(12,)]
 
 
+def test_a_current_store_lacking_a_newer_column_gains_it_on_open(old_store):
+    Store(old_store)  # schema up to date; then a column this version writes goes missing (an earlier build)
+    con = sqlite3.connect(old_store)
+    con.execute("ALTER TABLE runs DROP COLUMN device")
+    con.close()
+    store = Store(old_store)
+    assert store.migration is None  # no upgrade, no backup: only the column added
+    cfg = load(str(EXPERIMENTS[0]), ("train.max_steps=7",)).expand()[0]
+    store.write_run({"run_id": cfg.run_id, "status": "done", "device": "cpu", "config": cfg.to_dict()})
+    assert _rows(old_store, f"SELECT device FROM runs WHERE run_id = '{cfg.run_id}'") == [("cpu",)]
+
+
 def test_runs_that_the_new_rule_finds_equal_are_merged_keeping_the_finished_one(old_store):
     (rid, config, status), = _rows(old_store, "SELECT run_id, config, status FROM runs LIMIT 1")
     twin = json.loads(config)
