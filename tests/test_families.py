@@ -107,6 +107,7 @@ def test_a_retrieval_run_refuses_lm_settings_and_a_token_task():
         from_dict({"name": "x", "task": {"name": "capacity", "num_keys": 4}, "train": {"weight_decay": 0.1}})
 
 
+@pytest.mark.slow  # draws every figure: seconds of matplotlib
 def test_the_lm_report_takes_the_best_learning_rate_and_draws_its_figures(tmp_path):
     store = Store(tmp_path / "s.db")
     raw = _lm_experiment(**{"train.lr": [1e-3, 3e-3], "model.memory": ["softmax", "linear/sum"],

@@ -119,6 +119,7 @@ def test_a_0_2_1_store_migrates_keeping_every_run_and_its_records(old_store):
     assert Store(old_store).migration is None and _digest(old_store) == digest
 
 
+@pytest.mark.slow  # draws every figure: seconds of matplotlib
 def test_a_migrated_0_2_1_store_resumes_with_nothing_to_run_and_reports(old_store, tmp_path):
     store = Store(old_store)
     for path in EXPERIMENTS:
@@ -275,6 +276,7 @@ def test_a_foreign_sqlite_database_is_refused_unchanged(tmp_path):
 
 # ---- reports: never pooled, never outside --out -------------------------------------------------------------
 
+@pytest.mark.slow  # draws every figure: seconds of matplotlib
 def test_runs_of_other_settings_are_reported_apart(old_store, tmp_path):
     store = Store(old_store)
     for cfg in load(str(EXPERIMENTS[0]), ("train.max_steps=100",)).expand():  # the same grid, another budget
