@@ -17,14 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import ctypes.util
-import gc
 import math
-import os
-import platform
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -34,6 +28,7 @@ import torch
 
 from .memories import FastWeightMemory, Memory, SoftmaxMemory
 from .model import RetrievalModel, retrieval_loss
+from .runtime import peak_memory_increase_mb, tune_malloc  # noqa: F401  (tune_malloc: bench's API)
 from .tasks import task as make_task
 
 ROW_KEYS = ("memory", "task", "num_keys", "seq_len", "form", "threads", "batch_size", "d_key", "ms_step",
@@ -44,96 +39,11 @@ ROW_KEYS = ("memory", "task", "num_keys", "seq_len", "form", "threads", "batch_s
 # reference loops over every sequence, query and position: 2.4 million iterations at S = 600).
 REFERENCE_MAX_EVAL_STEPS = 100_000
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-
-
-# ---------------------------------------------------------------------------------------------------- malloc
-def _libc():
-    if platform.system() != "Linux":
-        return None
-    try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        lib.mallopt  # noqa: B018  (glibc only: musl has no mallopt)
-        return lib
-    except (OSError, AttributeError):
-        return None
-
-
-def tune_malloc() -> bool:
-    """Keep freed tensor memory in the process instead of returning it to the OS (glibc only).
-
-    By default glibc serves allocations of 32 MB and more with mmap and unmaps them on free, so every training
-    step faults in (and zeroes) its large tensors afresh; on this kind of VM that made a 30 MB elementwise op
-    4-5x slower than the op itself. Disabling mmap for allocations (they then come from the heap) and never
-    trimming the heap's top lets the next step reuse the same pages. Call it once per worker process, before
-    training. The cost: the process keeps its high-water mark of memory.
-
-    Returns:
-        True where the settings took effect (glibc), else False.
-    """
-    libc = _libc()
-    if libc is None:
-        return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # the largest glibc accepts; also stops its dynamic raise
-    ok &= libc.mallopt(_M_MMAP_MAX, 0)
-    ok &= libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    return bool(ok)
-
-
-def _malloc_trim() -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-# ---------------------------------------------------------------------------------------------------- memory
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # 5: reset the peak resident set size (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def peak_memory_mb(fn) -> float | None:
-    """Largest increase of the resident set (MB) above the live memory while ``fn()`` runs; None off Linux."""
-    if not os.path.exists("/proc/self/statm"):
-        return None
-    gc.collect()
-    _malloc_trim()  # return cached free memory, so that the step must fault in whatever it uses
-    base = _rss_bytes()
-    if _reset_hwm():
-        fn()
-        return (_hwm_bytes() - base) / 2**20
-    peak, done = [base], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return (max(peak[0], _rss_bytes()) - base) / 2**20
+    """Largest increase of the resident set (MB) above the live memory while ``fn()`` runs (on the CPU)."""
+    return peak_memory_increase_mb(fn)
 
 
 # ---------------------------------------------------------------------------------------------------- forms

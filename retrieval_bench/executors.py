@@ -44,10 +44,8 @@ def setup_worker(threads: int, driver_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    try:
-        from .bench import tune_malloc
-    except ImportError:  # the bench module is optional here
-        return
+    from .runtime import tune_malloc
+
     tune_malloc()
 
 
@@ -115,7 +113,7 @@ class InlineExecutor(Executor):
     def run(self, configs, on_start=None, on_progress=None):
         import torch
 
-        from .bench import tune_malloc
+        from .runtime import tune_malloc
 
         # as the pool's workers do: runs in this process reuse their large tensors' pages (a process-wide
         # setting that stays: the process keeps its high-water mark of memory)
