@@ -1,5 +1,5 @@
 """The all-positions causal forms (memories/causal.py) equal their spec, the rule's step with a read after every
-step, in outputs and gradients; the contract check (testing_causal.check_causal) holds for every registered
+step, in outputs and gradients; the contract check (testing.check_causal) holds for every registered
 memory and catches broken forms; plugins without a causal form still work, slowly and with a warning.
 """
 
@@ -26,7 +26,7 @@ from retrieval_bench.memories.causal import (
 )
 from retrieval_bench.memories.normalisations import EPS, l2_norm, sum_norm
 from retrieval_bench.memories.rules import DeltaRule, SumRule
-from retrieval_bench.testing_causal import check_causal
+from retrieval_bench.testing import check_causal
 
 
 def test_check_causal(memory_spec):

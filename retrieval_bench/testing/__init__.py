@@ -29,7 +29,8 @@ from contextlib import ExitStack, contextmanager
 
 from ..registry import REGISTRIES, Registry
 from ._base import EVAL_SEQUENCE, LONG_SEQUENCE, Shape, default_shapes, short_shapes
-from ._base import reseed as _reseed  # noqa: F401  (testing_causal reseeds the same way)
+from ._base import reseed as _reseed  # noqa: F401  (the causal check reseeds the same way)
+from .causal import check_causal
 from .composed import RULE_COMPOSITIONS, check_feature_map, check_update_rule, composition
 from .memory import check_memory
 
@@ -44,5 +45,5 @@ def scoped_registries() -> Iterator[dict[str, Registry]]:
 
 __all__ = [
     "EVAL_SEQUENCE", "LONG_SEQUENCE", "RULE_COMPOSITIONS", "Shape", "check_feature_map", "check_memory",
-    "check_update_rule", "composition", "default_shapes", "scoped_registries", "short_shapes",
+    "check_causal", "check_update_rule", "composition", "default_shapes", "scoped_registries", "short_shapes",
 ]

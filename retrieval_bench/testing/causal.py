@@ -4,7 +4,7 @@
 
 Position t writes (k_t, v_t) and is then read with q_t. Usage, in any test runner::
 
-    from retrieval_bench.testing_causal import check_causal
+    from retrieval_bench.testing import check_causal
 
     def test_my_memory_causal():
         check_causal("dpfp-1/my-rule")        # or a registered memory's name, or a Memory instance
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .memories import Memory, memory
-from .memories.causal import SlowCausalFormWarning
-from .testing import _reseed
+from ..memories import Memory, memory
+from ..memories.causal import SlowCausalFormWarning
+from ._base import reseed as _reseed
 
 CausalShape = tuple[int, int, int, int]  # (B, T, K, V)
 
