@@ -387,10 +387,19 @@ _POSITIVE = click.IntRange(min=1)
               help="Also append the rows to this results store (SQLite).")
 @click.option("--chunkwise", is_flag=True,
               help="Also report the all-positions chunkwise delta rule's GFLOP/s (B 16, L 1024, F = V = 256).")
+@click.option("--lm", "lm_lengths", multiple=True, type=_POSITIVE, metavar="T",
+              help="Time the token-stream language model instead (B 64, d_model 128, 2 layers, MQAR) at length "
+                   "T; repeat for several. Reference loops beside the fast forms up to T = 256.")
 def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
-                  chunkwise):
+                  chunkwise, lm_lengths):
     """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
-    check_options(list(memories), list(num_keys), task, d_key)
+    if lm_lengths:
+        from .bench_lm import DEFAULT_LM_MEMORIES
+
+        memories = DEFAULT_LM_MEMORIES if tuple(memories) == DEFAULT_MEMORIES else memories
+        check_options(list(memories), [8], "capacity", 8)
+    else:
+        check_options(list(memories), list(num_keys), task, d_key)
     store = None
     if store_path is not None:  # opened first: a store that cannot be written fails before the timing
         from .store import Store
@@ -399,9 +408,16 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
             store = Store(store_path)
         except (*_store_errors(), OSError) as e:
             raise click.BadParameter(str(e), param_hint="'--store'") from None
-    rows = run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat,
-                     batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
-    click.echo(format_table(rows))
+    if lm_lengths:
+        from .bench_lm import format_lm_table, run_lm_bench
+
+        rows = run_lm_bench(list(memories), list(lm_lengths), threads=threads, repeat=repeat,
+                            reference_max_len=0 if no_reference else 256)
+        click.echo(format_lm_table(rows))
+    else:
+        rows = run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat,
+                         batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
+        click.echo(format_table(rows))
     worst = max_difference(rows)
     if worst is not None:
         click.echo(f"max |fast - reference| over outputs and gradients: {worst:.2e}")

@@ -1,0 +1,27 @@
+"""``bench --lm``: the language model's step with each memory's causal fast form beside its reference loop."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from retrieval_bench.bench import bench_command
+from retrieval_bench.bench_lm import lm_step_ms
+from retrieval_bench.store import Store
+
+
+def test_fast_and_reference_forms_train_the_same_model():
+    rows = lm_step_ms("linear/delta", 16, batch_size=2, d_model=8, n_layers=1, n_heads=2, vocab_size=32,
+                      threads=1, repeat=2)
+    assert [r["form"] for r in rows] == ["fast", "reference"]
+    assert rows[0]["max_diff"] < 1e-4  # the same losses, step after step, from the same weights and batches
+    assert all(r["ms_step"] > 0 for r in rows)
+
+
+def test_bench_lm_prints_and_stores_its_rows(tmp_path):
+    store = tmp_path / "s.db"
+    out = CliRunner().invoke(bench_command, ["--lm", "16", "--memory", "softmax", "--repeat", "1", "--threads", "1",
+                                             "--store", str(store)])
+    assert out.exit_code == 0, out.output
+    assert "softmax" in out.output and "reference" in out.output
+    rows = Store(store).load("bench")
+    assert set(rows["form"]) == {"fast", "reference"} and set(rows["task"]) == {"mqar"}
