@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .registry import RegistryError, tasks
+from .registry import RegistryError, did_you_mean, tasks
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
 #: the largest grid ``load`` expands unless told more (``run --max-runs``): no shipped experiment comes near it
@@ -291,10 +291,7 @@ def _as_list(v: Any) -> list:
 
 
 def _unknown(where: str, key: str, allowed) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, sorted(allowed), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(key, sorted(allowed))
     return f"{where}: unknown key{hint} (allowed: {', '.join(sorted(allowed))})"
 
 
@@ -413,10 +410,7 @@ def resolve_path(name_or_path: str) -> Path:
     shipped = shipped_experiments()
     if name_or_path in shipped:
         return shipped[name_or_path]
-    import difflib
-
-    close = difflib.get_close_matches(name_or_path, list(shipped), n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = did_you_mean(name_or_path, list(shipped))
     raise ConfigError(f"no experiment file or shipped experiment named {name_or_path!r}{hint} "
                       f"(shipped: {', '.join(shipped)})")
 

@@ -18,6 +18,13 @@ from typing import Any
 BUILTIN = "built-in"
 
 
+
+def did_you_mean(name: str, choices, n: int = 3, cutoff: float = 0.6, quote: bool = False) -> str:
+    """"; did you mean a, b?" with the choices closest to ``name`` (difflib), or "" where none is close: the one
+    hint every unknown name gets, in the registries, the experiment files and the CLI."""
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=n, cutoff=cutoff)
+    return f"; did you mean {', '.join(repr(c) if quote else c for c in close)}?" if close else ""
+
 class RegistryError(ValueError):
     """An unknown name, a name claimed twice, or a plugin that fails to load."""
 
@@ -114,8 +121,7 @@ class Registry:
         if entry is not None and kwargs and entry.obj is not None and not _accepts(entry.obj, kwargs):
             entry = None  # "linear-2": a parameter on a map that takes none is no such name
         if entry is None:
-            close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, self.names(), cutoff=0.5, quote=True)
             raise RegistryError(
                 f"unknown {self.singular} {name!r}{hint} (known: {', '.join(self.names())})"
             )

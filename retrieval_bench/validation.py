@@ -26,7 +26,7 @@ from .config import (
     _fields,
     _unknown,
 )
-from .registry import RegistryError
+from .registry import RegistryError, did_you_mean
 
 
 def check_leaf(where: str, value: Any) -> None:
@@ -138,10 +138,7 @@ def check_override_memories(exp: Experiment) -> None:
     grid = _as_list(exp.model["memory"])
     for i, (mem, _) in enumerate(exp.overrides):
         if mem not in grid:
-            import difflib
-
-            close = difflib.get_close_matches(mem, [str(g) for g in grid], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(mem, grid, n=1, quote=True)
             raise ConfigError(f"override[{i}].memory: {mem!r} is in no run of the grid{hint} "
                               f"(model.memory: {', '.join(map(str, grid))})")
 
