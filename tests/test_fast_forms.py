@@ -42,7 +42,7 @@ from retrieval_bench.memories.normalisations import (
     sum_norm,
     sum_norm_reference,
 )
-from retrieval_bench.memories.rules import DeltaRule, FWMRule, delta_query_backward
+from retrieval_bench.memories.rules import DeltaRule, FWMRule, delta_query_read_stepwise
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
@@ -191,7 +191,7 @@ def test_delta_query_read_equals_the_plain_backward_loop(l, chunk, read_scale, d
     rho = (0.5 + torch.rand(2, l, generator=g, dtype=dtype)).requires_grad_() if read_scale else None
     leaves = [a, v, beta, q] + ([rho] if read_scale else [])
     y = delta_query_read(a, v, beta, q, rho, chunk=chunk)
-    y_ref = delta_query_backward(a, a * rho[..., None] if read_scale else a, v, beta, q)
+    y_ref = delta_query_read_stepwise(a, a * rho[..., None] if read_scale else a, v, beta, q)
     assert_rel(y, y_ref, RTOL[dtype])
     cot = torch.randn_like(y)
     for x, g_fast, g_ref in zip(leaves, grads(y, leaves, cot), grads(y_ref, leaves, cot), strict=True):
