@@ -163,8 +163,9 @@ class DeltaRule(UpdateRule):
 
 
 def delta_query_read_stepwise(a, b, v, beta, q):
-    """Read of the generalised delta rule W_t = W_{t-1}(I - β_t b_t a_tᵀ) + β_t v_t a_tᵀ, without W (a forward
-    read that walks the writes backwards, hence the loop's direction): the plain step-by-step form of ``chunked.delta_query_read`` (which the training form uses), kept as a readable spec.
+    """Read of the generalised delta rule W_t = W_{t-1}(I - β_t b_t a_tᵀ) + β_t v_t a_tᵀ, without W: a forward
+    read that walks the writes backwards, the plain step-by-step form of ``chunked.delta_query_read`` (which the
+    training form uses), kept as a readable spec.
 
     Unrolled, W_L q = Σ_t β_t v_t (a_t·c_t) with c_L = q and c_{t-1} = c_t - β_t b_t (a_t·c_t): the query
     travels backwards through the writes as an F-vector. a, b (B, L, F), v (B, L, V), beta (B, L),
