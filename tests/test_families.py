@@ -154,3 +154,18 @@ def test_a_bad_paired_axis_names_the_field(points, message):
     raw["task"]["points"] = points
     with pytest.raises(ConfigError, match=message):
         from_dict(raw)
+
+
+@pytest.mark.parametrize("kind", ["retrieval", "lm"])
+def test_a_feature_maps_own_option_reaches_it_and_no_other(kind):
+    if kind == "lm":
+        raw = _lm_experiment(**{"model.memory": ["favor-4/sum", "dpfp-1/sum"], "model.redraw": "fixed"})
+    else:
+        raw = {"name": "r", "task": {"name": "capacity", "num_keys": 4},
+               "model": {"memory": ["favor-4/sum", "dpfp-1/sum"], "d_key": 4, "redraw": "fixed"}}
+    for cfg in from_dict(raw).expand():
+        task = cfg.task.build()
+        model = family(kind).build(cfg, task)
+        mems = model.memories if kind == "lm" else [model.memory]
+        for mem in mems:
+            assert getattr(mem.phi, "policy", "fixed") == "fixed"  # FAVOR+ took it; DPFP has no such option

@@ -25,6 +25,7 @@ import torch
 
 from ..config import RunConfig
 from ..lm import IGNORE_INDEX, CausalLM, lm
+from ..memories import memory_options
 from . import Evaluation, to_device
 
 _EVAL_CHUNK_TOKENS = 1 << 16  # at most this many tokens per evaluation forward
@@ -45,7 +46,7 @@ class LMFamily:
 
     def build(self, cfg: RunConfig, task: Any) -> CausalLM:
         m = cfg.model
-        kwargs = {"redraw": m.redraw} if m.memory.startswith("favor") else {}
+        kwargs = memory_options(m.memory, redraw=m.redraw)  # FAVOR+ takes it; others do not
         return lm(m.memory, vocab_size=task.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
                   n_heads=m.n_heads, conv=m.conv, mlp_ratio=m.mlp_ratio, seed=cfg.seed, **kwargs)
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..memories import memory_options
 from ..model import RetrievalModel, retrieval_loss
 from . import Evaluation
 
@@ -27,7 +28,7 @@ def _gen(seed: int, stream: int) -> torch.Generator:
 
 def build_model(cfg: RunConfig, num_values: int) -> RetrievalModel:
     """The run's model, initialised from its seed without touching the caller's global RNG."""
-    kwargs = {"redraw": cfg.model.redraw} if cfg.model.memory.startswith("favor") else {}
+    kwargs = memory_options(cfg.model.memory, redraw=cfg.model.redraw)  # FAVOR+ takes it; others do not
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 1000 + _INIT)  # nn.Linear draws its init from the global RNG
         model = RetrievalModel(cfg.task.kwargs()["num_keys"], cfg.model.memory, d_key=cfg.model.d_key,

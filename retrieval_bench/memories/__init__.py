@@ -272,6 +272,21 @@ class SoftmaxMemory(Memory):
         return {"attn_entropy": entropy, "y": a @ values, "v": values}
 
 
+def memory_options(spec: str, **options) -> dict:
+    """The ``options`` that the constructor behind ``spec`` takes (its feature map's, for a composed memory; the
+    memory's own, for a registered one): what a model passes to ``memory`` without knowing the spec's kind, e.g.
+    ``memory_options("favor-64/sum", redraw="call")`` keeps ``redraw`` and ``memory_options("dpfp-1/sum", ...)``
+    drops it."""
+    import inspect
+
+    if spec in memories.names():
+        cls = memories.get(spec)
+    else:
+        cls = feature_maps.resolve(parse_spec(spec).phi)[0]
+    params = inspect.signature(cls).parameters  # named parameters only: a **kwargs catch-all names no option
+    return {k: v for k, v in options.items() if k in params and params[k].kind != params[k].VAR_KEYWORD}
+
+
 def memory(spec: str, d_key: int = 64, **kwargs) -> Memory:
     """Build a memory from its spec string, e.g. ``"dpfp-3/delta"``, ``"linear/sum"``, ``"softmax"``.
 
