@@ -59,17 +59,8 @@ def reference_form(memory: Memory) -> Iterator[None]:
 
 def reference_bytes(memory: Memory, batch: int, seq_len: int, num_queries: int, d_key: int,
                     d_value: int) -> int:
-    """Estimated autograd memory of the reference loop's training step (bytes).
-
-    The fast-weight loop keeps each step's V×F state (FWM two: before and after clipping); the factor 2 covers
-    the temporaries alive at the same time. The softmax reference keeps a graph node per scalar dot product.
-    """
-    if isinstance(memory, FastWeightMemory):
-        per_step = 2 if memory.rule.name == "fwm" else 1
-        return 2 * per_step * seq_len * batch * d_value * memory.d_dot(d_key) * 4
-    if isinstance(memory, SoftmaxMemory):
-        return batch * num_queries * seq_len * 1024
-    return 0
+    """Estimated autograd memory of the reference loop's training step (bytes), as the memory states it."""
+    return memory.reference_bytes(batch, seq_len, num_queries, d_key, d_value)
 
 
 def _reference_eval_steps(memory: Memory, num_seqs: int, seq_len: int, num_queries: int) -> int:

@@ -49,6 +49,10 @@ class Memory(nn.Module):
         """Floats of state the memory carries after ``seq_len`` writes."""
         raise NotImplementedError
 
+    def reference_bytes(self, batch: int, seq_len: int, num_queries: int, d_key: int, d_value: int) -> int:
+        """Estimated autograd memory of a training step through the reference loop (bytes); 0 where unknown."""
+        return 0
+
     def trace(self, keys, values, betas=None, queries=None, **gates) -> dict[str, torch.Tensor] | None:
         """Per-step diagnostics under no_grad, or None where the memory offers none."""
         return None
@@ -166,6 +170,11 @@ class FastWeightMemory(Memory):
         state = self.rule.init_state(1, d_value, self.d_dot(d_key), like, self.attn)
         return sum(t.numel() for t in state.values())
 
+
+    def reference_bytes(self, batch: int, seq_len: int, num_queries: int, d_key: int, d_value: int) -> int:
+        # the loop keeps each step's V×F state(s) (rule.loop_states); the factor 2 covers the temporaries alive
+        # at the same time
+        return 2 * self.rule.loop_states * seq_len * batch * d_value * self.d_dot(d_key) * 4
     def features(self, keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised φ of keys (B, L, F) and queries (B, Q, F); one draw of a random φ serves both."""
         self.phi.begin_call(keys.shape[-1], keys.device, keys.dtype)
@@ -233,6 +242,9 @@ class SoftmaxMemory(Memory):
     def state_size(self, d_key: int, d_value: int, seq_len: int) -> int:
         return seq_len * (d_key + d_value)  # a KV cache
 
+
+    def reference_bytes(self, batch: int, seq_len: int, num_queries: int, d_key: int, d_value: int) -> int:
+        return batch * num_queries * seq_len * 1024  # the loop keeps a graph node per scalar dot product
     def attention(self, keys, queries):
         return torch.softmax(queries @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1]), dim=-1)  # (B, Q, L)
 

@@ -35,9 +35,12 @@ class UpdateRule:
         default_norm: the key/query normalisation used when a memory name gives none.
         default_attn: whether the attention normaliser is on when a memory name gives no normalisation.
         supports_attn: whether the rule has an attention-normalised form.
+        loop_states: V×F states the reference loop keeps alive per step under autograd (what a memory estimate
+            of the loop counts: FWM keeps two, before and after its norm clipping).
     """
 
     name = ""
+    loop_states = 1
     gates: tuple[str, ...] = ("beta",)
     gate_bias: Mapping[str, float] = MappingProxyType({})
     default_norm = "none"
@@ -190,6 +193,8 @@ class FWMRule(UpdateRule):
     without affine parameters (eps 1e-5). The norm clipping admits no parallel form, so training runs the loop
     (``checkpointed.fwm_state``, whose backward recomputes states from checkpoints instead of storing them).
     """
+
+    loop_states = 2
 
     name = "fwm"
     supports_attn = False
