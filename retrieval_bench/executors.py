@@ -14,7 +14,10 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +71,11 @@ def _setup_pool_worker(threads: int, driver_pid: int, progress_queue) -> None:
     setup_worker(threads, driver_pid)
 
 
-def execute(cfg_dict: dict[str, Any], progress_queue=None) -> dict[str, Any]:
-    """The job function: train one run from its config dict; never raises (an error becomes ``failed``)."""
-    from .config import RunConfig
+def execute(cfg: RunConfig | dict[str, Any], progress_queue=None) -> dict[str, Any]:
+    """The job function: train one run from its config (or its dict); never raises (an error becomes ``failed``)."""
     from .train import failed_result, train_run
 
-    cfg = RunConfig.from_dict(cfg_dict)
+    cfg = as_run(cfg)
     t0 = time.perf_counter()
     try:
         progress = None
@@ -125,7 +127,7 @@ class InlineExecutor(Executor):
         try:
             for cfg in configs:
                 if on_start:
-                    on_start({"run_id": _rid(cfg)})
+                    on_start({"run_id": as_run(cfg).run_id})
                 yield execute(cfg, sink)
         finally:
             torch.set_num_threads(old)
@@ -138,10 +140,12 @@ class _CallbackSink:
         self.put = callback
 
 
-def _rid(cfg: dict[str, Any]) -> str:
+def as_run(cfg: RunConfig | dict[str, Any]) -> RunConfig:
+    """A run's config: the ``RunConfig`` itself (what the sweep sends), or one parsed from its dict (the stored
+    form, which tests and older callers pass)."""
     from .config import RunConfig
 
-    return RunConfig.from_dict(cfg).run_id
+    return cfg if isinstance(cfg, RunConfig) else RunConfig.from_dict(cfg)
 
 
 class LocalExecutor(Executor):
@@ -195,7 +199,7 @@ class LocalExecutor(Executor):
                         break
                     pending[fut] = cfg
                     if on_start:
-                        on_start({"run_id": _rid(cfg)})
+                        on_start({"run_id": as_run(cfg).run_id})
                 lost: list[dict[str, Any]] = []
                 if not broken:
                     done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
@@ -220,15 +224,14 @@ class LocalExecutor(Executor):
                     isolate[:0] = lost
                     continue
                 cfg = lost[0]  # it broke the pool alone
-                rid = _rid(cfg)
+                rid = as_run(cfg).run_id
                 retries[rid] = retries.get(rid, 0) + 1
                 if retries[rid] <= self.max_retries:
                     isolate.insert(0, cfg)
                 else:
-                    from .config import RunConfig
                     from .train import failed_result
 
-                    yield failed_result(RunConfig.from_dict(cfg), "worker process died (killed or OOM)")
+                    yield failed_result(as_run(cfg), "worker process died (killed or OOM)")
             _drain(pq, on_progress)
         finally:
             _stop(pool, pq)

@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
-from .executors import Executor, _rid, execute, setup_worker
+from .executors import Executor, as_run, execute, setup_worker
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class RayExecutor(Executor):
                         cfg = todo.pop(0)
                         pending[remote.remote(self.job, self.threads, cfg, progress)] = cfg
                         if on_start:
-                            on_start({"run_id": _rid(cfg)})
+                            on_start({"run_id": as_run(cfg).run_id})
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
                 if ready:  # take every other result that is in too
                     rest = [r for r in pending if r not in ready]
@@ -339,15 +339,14 @@ class RayExecutor(Executor):
         try:
             result = ray.get(ref)
         except RayError as e:  # the worker died after its retries, the node was lost, or the job raised
-            from .config import RunConfig
             from .train import failed_result
 
-            log.warning("run %s failed on Ray: %s", _rid(cfg), type(e).__name__)
+            log.warning("run %s failed on Ray: %s", as_run(cfg).run_id, type(e).__name__)
             if isinstance(e, RayTaskError):  # the job itself raised (not retried): keep its traceback
                 error = f"the job raised on a Ray worker: {e}"
             else:
                 error = f"Ray lost the run (after {self.max_retries} retries): {type(e).__name__}: {e}"
-            return failed_result(RunConfig.from_dict(cfg), error)
+            return failed_result(as_run(cfg), error)
         self._check_version(result)
         return result
 

@@ -101,7 +101,7 @@ def run_sweep(exp: Experiment, store: Store, executor: Executor, rerun: bool = F
 
     view = Live(get_renderable=state.render, console=console, refresh_per_second=4, transient=True)
     with view if use_live else _Null() as lv:
-        for result in executor.run([r.to_dict() for r in todo], on_start, on_progress):
+        for result in executor.run(todo, on_start, on_progress):
             row = result["row"]
             store.write_run(row, result["curves"], result["diagnostics"])
             state.running.pop(row["run_id"], None)

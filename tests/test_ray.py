@@ -90,9 +90,9 @@ def _dying_job(marker_dir: str, die_once: str, die_always: str, raises: str):
         import os
         import pathlib
 
-        from retrieval_bench.executors import _rid, execute
+        from retrieval_bench.executors import as_run, execute
 
-        rid = _rid(cfg)
+        rid = as_run(cfg).run_id
         if rid == die_always:
             os._exit(1)
         if rid == raises:

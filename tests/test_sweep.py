@@ -62,9 +62,9 @@ def test_process_pool_gives_the_same_numbers_as_inline_and_reports_progress(tmp_
 def _dying_job(cfg, progress_queue=None):
     """A job that kills its worker: once for the run named by RB_TEST_DIE_ONCE, every time for RB_TEST_DIE_ALWAYS.
     Module-level, so that the pool's workers can import it; the workers inherit the environment."""
-    from retrieval_bench.executors import _rid, execute
+    from retrieval_bench.executors import as_run, execute
 
-    rid = _rid(cfg)
+    rid = as_run(cfg).run_id
     if rid == os.environ["RB_TEST_DIE_ALWAYS"]:
         os._exit(1)
     if rid == os.environ["RB_TEST_DIE_ONCE"]:
