@@ -100,9 +100,11 @@ class Store:
         locked store is tried again for up to a minute."""
         from .identity import fingerprint
 
+        done = None
         for attempt in range(600):
             try:
-                done = migrations.upgrade(self.path, con, RUN_COLUMNS, BENCH_COLUMNS)
+                # a retry after a later step was locked finds the store migrated: keep the first attempt's record
+                done = migrations.upgrade(self.path, con, RUN_COLUMNS, BENCH_COLUMNS) or done
                 migrations.note_fingerprint(con)
                 if "runs" in migrations.tables(con):  # a column this version writes and the store lacks
                     migrations.add_missing_columns(con, "runs", RUN_COLUMNS)  # (nullable: nothing to back up)
