@@ -187,14 +187,16 @@ class CausalLM(nn.Module):
             raise ValueError(f"lm: tokens must lie in [0, vocab_size = {self.vocab_size}), got "
                              f"[{tokens.min().item()}, {tokens.max().item()}]")
 
-    def forward(self, tokens: torch.Tensor, capture: list | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab_size); with ``capture`` (a list), each layer's MixerInputs are
-        appended to it."""
+    def forward(self, tokens: torch.Tensor, capture: list | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab_size); with ``mask`` (B, T) bool, the logits at those positions
+        only, (n, vocab_size) in ``mask.nonzero()`` order (a loss at a few query positions then never makes the
+        whole (B, T, vocab) tensor); with ``capture`` (a list), each layer's MixerInputs are appended to it."""
         self._check_tokens(tokens)
         x = self.embed(tokens)  # (B, T, d_model)
         for block in self.blocks:
             x = block(x, capture)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x if mask is None else x[mask]))
 
     @torch.no_grad()
     def mixer_inputs(self, tokens: torch.Tensor) -> list[MixerInputs]:

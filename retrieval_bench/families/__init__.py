@@ -59,6 +59,9 @@ class Family(Protocol):
     def optimizer(self, cfg: RunConfig, model: torch.nn.Module) -> tuple[Any, Any]:
         """(optimizer, scheduler or None); the scheduler steps once per training step."""
 
+    def clip(self, cfg: RunConfig, model: torch.nn.Module) -> None:
+        """Clip the gradients before the optimizer step (or nothing)."""
+
     def train_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor: ...
 
     def evaluate(self, model: torch.nn.Module, eval_set: Any, cfg: RunConfig) -> Evaluation: ...

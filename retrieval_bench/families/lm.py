@@ -34,11 +34,7 @@ _EVAL_CHUNK_TOKENS = 1 << 16  # at most this many tokens per evaluation forward
 def query_logits(model: CausalLM, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Logits at the query positions only: tokens (B, T), mask (B, T) bool -> (n, vocab), row order of
     ``mask.nonzero()``. Equal to ``model(tokens)[mask]`` without the (B, T, vocab) tensor."""
-    model._check_tokens(tokens)
-    x = model.embed(tokens)  # (B, T, d_model)
-    for block in model.blocks:
-        x = block(x)
-    return model.head(model.norm(x[mask]))  # (n, vocab)
+    return model(tokens, mask=mask)
 
 
 class LMFamily:

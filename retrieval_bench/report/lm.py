@@ -43,17 +43,13 @@ def best_lr(runs: pd.DataFrame) -> pd.DataFrame:
                                                "seeds"])
 
 
-def _memories(runs: pd.DataFrame) -> list[str]:
-    return memory_order(runs)
-
-
 @_styled
 def state_size_figure(runs: pd.DataFrame) -> Figure:
     """Accuracy against state size (floats over layers and heads, log axis): one point per (memory, d_model) and
     number of pairs, lines joining a memory's widths; one panel per (sequence length, pairs)."""
     best = _require(best_lr(_require(runs, "runs")), "runs")
     facets = _facets(best.assign(task=runs["task"].iloc[0]), ("seq_len", "num_keys"))
-    p = _Panels(len(facets), _memories(runs), height=2.5)
+    p = _Panels(len(facets), memory_order(runs), height=2.5)
     for ax, (title, sub) in zip(p.axes, facets, strict=True):
         for mem in p.memories:
             g = sub[sub["memory"] == mem].sort_values("state_size")
@@ -73,7 +69,7 @@ def pairs_figure(runs: pd.DataFrame) -> Figure:
     """Accuracy against the number of key-value pairs, per memory; one panel per (d_model, sequence length)."""
     best = _require(best_lr(_require(runs, "runs")), "runs").assign(task=runs["task"].iloc[0])
     facets = _facets(best, ("d_model", "seq_len"))
-    p = _Panels(len(facets), _memories(runs), height=2.4)
+    p = _Panels(len(facets), memory_order(runs), height=2.4)
     for ax, (title, sub) in zip(p.axes, facets, strict=True):
         for mem in p.memories:
             g = sub[sub["memory"] == mem].sort_values("num_keys")
@@ -104,7 +100,7 @@ def extrapolation_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame) -> Figur
     rows = pd.concat([at_train, d[d["run_id"].isin(chosen["run_id"])][["run_id", "position", "value"]]])
     rows = rows.merge(chosen[["run_id", "memory", "d_model", "num_keys", "seq_len", "task"]], on="run_id")
     facets = _facets(rows, ("d_model", "num_keys", "seq_len"))
-    p = _Panels(len(facets), _memories(runs), height=2.4)
+    p = _Panels(len(facets), memory_order(runs), height=2.4)
     for ax, (title, sub) in zip(p.axes, facets, strict=True):
         p.lines(ax, sub, "position", "value", marker="o", ms=3)
         _sweep_ticks(ax, sub["position"])
@@ -128,7 +124,7 @@ def layers_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame) -> Figure:
     d = d.groupby(["memory", "run_id", "layer", "what", "position"], as_index=False)["value"].mean()
     layers = sorted(d["layer"].unique())
     panels = [(lay, what) for what in ("state_norm", "contrast_cos") for lay in layers]
-    p = _Panels(len(panels), _memories(runs), height=2.2, ncols=len(layers))
+    p = _Panels(len(panels), memory_order(runs), height=2.2, ncols=len(layers))
     for ax, (lay, what) in zip(p.axes, panels, strict=True):
         p.lines(ax, d[(d["layer"] == lay) & (d["what"] == what)], "position", "value")
         ax.set(xlabel="position $t$", title=f"layer {lay}",
