@@ -23,17 +23,17 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import click
 import torch
 
+from .families import to_device
 from .memories import FastWeightMemory, Memory, SoftmaxMemory
 from .model import RetrievalModel, retrieval_loss
-from .runtime import peak_memory_increase_mb, tune_malloc  # noqa: F401  (tune_malloc: bench's API)
+from .runtime import device_name, peak_memory_increase_mb, resolve_device, timed, tune_malloc
 from .tasks import task as make_task
 
 ROW_KEYS = ("memory", "task", "num_keys", "seq_len", "form", "threads", "batch_size", "d_key", "ms_step",
             "ms_eval", "peak_mb", "max_diff", "max_rel_diff", "diff_seq_len", "status", "version",
-            "measured_at")
+            "measured_at", "device")
 
 # Python-level steps a reference evaluation may take before it is skipped as too slow to repeat (the softmax
 # reference loops over every sequence, query and position: 2.4 million iterations at S = 600).
@@ -112,7 +112,7 @@ def _median_ms(times: list[float]) -> float | None:
 def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", threads: int = 2,
               repeat: int = 5, batch_size: int = 32, d_key: int = 64, include_reference: bool = True,
               reference_max_bytes: int = 2 * 2**30, warmup: int = 1, seed: int = 0,
-              malloc_tuned: bool = True) -> list[dict]:
+              malloc_tuned: bool = True, device: str | torch.device = "cpu") -> list[dict]:
     """Time a training step and an evaluation per memory and size, fast form against reference loop.
 
     Args:
@@ -125,6 +125,10 @@ def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", 
         reference_max_bytes: the reference is skipped where its estimated autograd memory exceeds this.
         seed: seeds the batches, the eval set and (without touching the global RNG) the model's init.
         malloc_tuned: call ``tune_malloc()`` first, as the sweep's workers do (a process-wide setting).
+        device: where the steps run (``auto``, ``cpu``, ``cuda``, ``cuda:N``). On a GPU each timed block
+            waits for its kernels (``runtime.timed``) and ``peak_mb`` is the step's peak of allocated device
+            memory above what was allocated before (``torch.cuda.max_memory_allocated``). The forms'
+            disagreement is measured on the CPU in float64 either way.
 
     Returns:
         One dict per memory, size and form, with keys ``ROW_KEYS``: ``ms_step``/``ms_eval`` are medians,
@@ -134,6 +138,7 @@ def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", 
     """
     from . import __version__
 
+    device = resolve_device(device, "--device")
     if malloc_tuned:
         tune_malloc()
     old_threads = torch.get_num_threads()
@@ -143,12 +148,13 @@ def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", 
         for spec in memories:
             for S in num_keys:
                 rows.extend(_bench_one(spec, S, task, threads, repeat, batch_size, d_key, include_reference,
-                                       reference_max_bytes, warmup, seed))
+                                       reference_max_bytes, warmup, seed, device))
     finally:
         torch.set_num_threads(old_threads)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    where = f"{device} ({device_name(device)})"
     for row in rows:
-        row.update(version=__version__, measured_at=stamp)
+        row.update(version=__version__, measured_at=stamp, device=where)
     return [{k: row.get(k) for k in ROW_KEYS} for row in rows]
 
 
@@ -159,13 +165,13 @@ def _make_model(spec: str, S: int, d_key: int, seed: int, num_values: int) -> Re
 
 
 def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_reference, reference_max_bytes,
-               warmup, seed):
+               warmup, seed, device):
     tk = make_task(task_name, num_keys=S)
     L, V = tk.seq_len, tk.num_values
-    g = torch.Generator().manual_seed(seed)
-    batches = [tk.sample(batch_size, g) for _ in range(warmup + repeat + 1)]
-    ev = tk.eval_set(g)
-    base = _make_model(spec, S, d_key, seed, V)
+    g = torch.Generator().manual_seed(seed)  # drawn on the host, as a run's batches are, then moved
+    batches = [to_device(tk.sample(batch_size, g), device) for _ in range(warmup + repeat + 1)]
+    ev = to_device(tk.eval_set(g), device)
+    base = _make_model(spec, S, d_key, seed, V).to(device)
     forms = {"fast": base}
     status = {"fast": "ok"}
     diff, diff_len = (None, None), None
@@ -181,7 +187,8 @@ def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_r
             status["reference"] = "ok"
             forms["reference"] = copy.deepcopy(base)
         if hasattr(mem, "reference"):
-            diff, diff_len = _difference(spec, S, tk, batches[0], d_key, seed, reference_max_bytes)
+            diff, diff_len = _difference(spec, S, tk, to_device(batches[0], torch.device("cpu")), d_key, seed,
+                                         reference_max_bytes)
     opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in forms.items()}
     eval_ok = {name: True for name in forms}
     steps = _reference_eval_steps(base.memory, ev.queries.shape[0], L, ev.queries.shape[1])
@@ -210,17 +217,17 @@ def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_r
     eval_t = {name: [] for name in forms}
     for i in range(warmup + repeat):
         for name in forms:  # alternate forms within each repeat, so that drifts in machine load hit both
-            t0 = time.perf_counter()
-            train_step(name, batches[i])
-            t1 = time.perf_counter()
+            with timed(device) as step:
+                train_step(name, batches[i])
             if eval_ok[name]:
-                evaluate(name)
-            t2 = time.perf_counter()
+                with timed(device) as evaluation:
+                    evaluate(name)
             if i >= warmup:
-                step_t[name].append(t1 - t0)
+                step_t[name].append(step.seconds)
                 if eval_ok[name]:
-                    eval_t[name].append(t2 - t1)
-    peak = {name: peak_memory_mb(lambda name=name: train_step(name, batches[-1])) for name in forms}
+                    eval_t[name].append(evaluation.seconds)
+    peak = {name: peak_memory_increase_mb(lambda name=name: train_step(name, batches[-1]), device)
+            for name in forms}
     rows = []
     for name in ("fast", "reference"):
         if name not in status:
@@ -302,134 +309,3 @@ def chunkwise_throughput(batch: int = 16, seq_len: int = 1024, d_feat: int = 256
     return {"ms": t * 1e3, "gflops": chunkwise_flops(batch, seq_len, d_feat, d_value, chunk) / t / 1e9,
             "gemm_gflops": 2 * batch * 2 * chunk * d_feat * d_value / t_gemm / 1e9,
             "peak_gflops": 2 * 1024**3 / t_peak / 1e9}
-
-
-# ---------------------------------------------------------------------------------------------------- output
-def _fmt(x, spec: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return format(x, spec)
-
-
-def format_table(rows: list[dict]) -> str:
-    """The rows as an aligned text table, one line per memory, size and form."""
-    cols = [("memory", "memory", "s"), ("task", "task", "s"), ("S", "num_keys", "d"), ("L", "seq_len", "d"),
-            ("form", "form", "s"), ("thr", "threads", "d"), ("ms/step", "ms_step", ".1f"),
-            ("ms/eval", "ms_eval", ".1f"), ("peak MB", "peak_mb", ".0f"), ("max diff", "max_diff", ".1e"),
-            ("rel diff", "max_rel_diff", ".1e"), ("diff@L", "diff_seq_len", "d"), ("status", "status", "s")]
-    table = [[h for h, _, _ in cols]] + [[_fmt(r.get(k), f) for _, k, f in cols] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    numeric = [f != "s" for _, _, f in cols]
-    lines = []
-    for j, line in enumerate(table):
-        cells = [c.rjust(w) if num and j else c.ljust(w)
-                 for c, w, num in zip(line, widths, numeric, strict=True)]
-        lines.append("  ".join(cells).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def max_difference(rows: list[dict]) -> float | None:
-    """The largest ``max_diff`` over the rows, or None where no reference was compared."""
-    diffs = [r["max_diff"] for r in rows if r.get("max_diff") is not None]
-    return max(diffs) if diffs else None
-
-
-DEFAULT_MEMORIES = ("softmax", "dpfp-3/sum", "dpfp-3/delta", "favor-512/sum")
-
-
-def check_options(memories: list[str], num_keys: list[int], task: str, d_key: int) -> None:
-    """Raise click.BadParameter naming the option for a memory or task that is unknown or cannot be built at
-    these sizes, before anything is timed or stored (the sizes' ranges are the options' types)."""
-    from .memories import memory
-    from .registry import RegistryError
-
-    for spec in memories:
-        try:
-            memory(spec, d_key=d_key)
-        except (RegistryError, ValueError) as e:
-            raise click.BadParameter(f"{spec!r}: {e}", param_hint="'--memory'") from None
-    for S in num_keys:
-        try:
-            make_task(task, num_keys=S)
-        except RegistryError as e:
-            raise click.BadParameter(str(e), param_hint="'--task'") from None
-        except (ValueError, TypeError) as e:
-            raise click.BadParameter(f"{task} with S = {S}: {e}", param_hint="'--num-keys'") from None
-
-
-_POSITIVE = click.IntRange(min=1)
-
-
-@click.command("bench")
-@click.option("--memory", "memories", multiple=True, default=DEFAULT_MEMORIES, show_default=True,
-              help="Memory spec; repeat the option for several.")
-@click.option("--num-keys", "num_keys", multiple=True, type=_POSITIVE, default=(600,), show_default=True,
-              help="S; repeat the option for several.")
-@click.option("--task", default="capacity", show_default=True, help="Task (sets L from S).")
-@click.option("--threads", type=_POSITIVE, default=2, show_default=True, help="Torch threads while timing.")
-@click.option("--repeat", type=_POSITIVE, default=5, show_default=True,
-              help="Timed repeats per form (medians reported).")
-@click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
-@click.option("--d-key", type=_POSITIVE, default=64, show_default=True)
-@click.option("--no-reference", is_flag=True, help="Time only the fast forms.")
-@click.option("--store", "store_path", type=click.Path(dir_okay=False), default=None,
-              help="Also append the rows to this results store (SQLite).")
-@click.option("--chunkwise", is_flag=True,
-              help="Also report the all-positions chunkwise delta rule's GFLOP/s (B 16, L 1024, F = V = 256).")
-@click.option("--lm", "lm_lengths", multiple=True, type=_POSITIVE, metavar="T",
-              help="Time the token-stream language model instead (B 64, d_model 128, 2 layers, MQAR) at length "
-                   "T; repeat for several. Reference loops beside the fast forms up to T = 256.")
-def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
-                  chunkwise, lm_lengths):
-    """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
-    if lm_lengths:
-        from .bench_lm import DEFAULT_LM_MEMORIES
-
-        memories = DEFAULT_LM_MEMORIES if tuple(memories) == DEFAULT_MEMORIES else memories
-        check_options(list(memories), [8], "capacity", 8)
-    else:
-        check_options(list(memories), list(num_keys), task, d_key)
-    store = None
-    if store_path is not None:  # opened first: a store that cannot be written fails before the timing
-        from .store import Store
-
-        try:
-            store = Store(store_path)
-        except (*_store_errors(), OSError) as e:
-            raise click.BadParameter(str(e), param_hint="'--store'") from None
-    if lm_lengths:
-        from .bench_lm import format_lm_table, run_lm_bench
-
-        rows = run_lm_bench(list(memories), list(lm_lengths), threads=threads, repeat=repeat,
-                            reference_max_len=0 if no_reference else 256)
-        click.echo(format_lm_table(rows))
-    else:
-        rows = run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat,
-                         batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
-        click.echo(format_table(rows))
-    worst = max_difference(rows)
-    if worst is not None:
-        click.echo(f"max |fast - reference| over outputs and gradients: {worst:.2e}")
-    click.echo("peak MB: the training step's peak resident-memory increase above the live memory (VmHWM)")
-    if chunkwise:
-        for chunk in (32, 64):
-            r = chunkwise_throughput(chunk=chunk, threads=threads, repeat=repeat)
-            click.echo(f"chunkwise delta rule, chunk {chunk}: {r['ms']:.1f} ms, {r['gflops']:.1f} GFLOP/s "
-                       f"(matmul of the loop's shape {r['gemm_gflops']:.1f}, 1024³ matmul {r['peak_gflops']:.1f})")
-    if store is not None:
-        try:
-            store.write_bench(rows)
-        except _store_errors() as e:  # a full disk: one message, exit 2, as `run` does
-            click.echo(f"error: --store {store_path}: the rows could not be stored: {e}", err=True)
-            raise SystemExit(2) from None
-        click.echo(f"stored {len(rows)} rows in {store_path}")
-
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    import sqlite3
-
-    from .store import StoreError
-
-    return StoreError, sqlite3.Error

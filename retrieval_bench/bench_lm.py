@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
-import time
 from collections.abc import Iterator
 
 import torch
 
+from .families import to_device
 from .families.lm import LMFamily
 from .lm import CausalLM, lm
-from .runtime import peak_memory_increase_mb
+from .runtime import device_name, peak_memory_increase_mb, resolve_device, timed
 from .runtime import threads as torch_threads
 from .tasks import task as make_task
 
@@ -39,13 +39,17 @@ def reference_causal(model: CausalLM) -> Iterator[None]:
 
 def lm_step_ms(spec: str, seq_len: int, *, batch_size: int = 64, d_model: int = 128, n_layers: int = 2,
                n_heads: int = 2, vocab_size: int = 512, threads: int = 2, repeat: int = 3,
-               reference: bool = True) -> list[dict]:
-    """Rows (one per form) for one memory at one length: ms per training step, peak MB, loss difference."""
+               reference: bool = True, device: str | torch.device = "cpu") -> list[dict]:
+    """Rows (one per form) for one memory at one length: ms per training step, peak MB, loss difference.
+    ``device`` as ``bench.run_bench``'s: on a GPU the steps are timed to the end of their kernels and the peak
+    is of allocated device memory."""
+    device = resolve_device(device, "--device")
     task = make_task("mqar", vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=max(1, seq_len // 8))
-    base = lm(spec, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, conv=4, seed=0)
+    base = lm(spec, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, conv=4,
+              seed=0).to(device)
     fam = LMFamily()
     gen = torch.Generator().manual_seed(0)
-    batches = [task.sample(batch_size, gen) for _ in range(repeat + 1)]
+    batches = [to_device(task.sample(batch_size, gen), device) for _ in range(repeat + 1)]
     forms = {"fast": contextlib.nullcontext, "reference": None} if reference else {"fast": contextlib.nullcontext}
     models = {name: copy.deepcopy(base) for name in forms}
     opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for name, m in models.items()}
@@ -65,11 +69,11 @@ def lm_step_ms(spec: str, seq_len: int, *, batch_size: int = 64, d_model: int = 
     with torch_threads(threads):
         for i, batch in enumerate(batches):  # the first step warms up; forms alternate
             for name in forms:
-                t0 = time.perf_counter()
-                step(name, batch)
+                with timed(device) as t:
+                    step(name, batch)
                 if i:
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-        peak = {name: peak_memory_increase_mb(lambda name=name: step(name, batches[-1])) for name in forms}
+                    times[name].append(t.seconds * 1e3)
+        peak = {name: peak_memory_increase_mb(lambda name=name: step(name, batches[-1]), device) for name in forms}
     diff = (max(abs(a - b) for a, b in zip(losses["fast"], losses["reference"], strict=True))
             if "reference" in forms else None)
     from datetime import UTC, datetime
@@ -80,7 +84,7 @@ def lm_step_ms(spec: str, seq_len: int, *, batch_size: int = 64, d_model: int = 
     return [{"memory": spec, "task": "mqar", "seq_len": seq_len, "form": name, "threads": threads,
              "batch_size": batch_size, "d_key": d_model // n_heads, "ms_step": statistics.median(times[name]),
              "peak_mb": peak[name], "max_diff": diff, "status": "ok", "version": __version__,
-             "measured_at": when} for name in forms]
+             "measured_at": when, "device": f"{device} ({device_name(device)})"} for name in forms]
 
 
 def run_lm_bench(memories: list[str], seq_lens: list[int], *, reference_max_len: int = 256, **kw) -> list[dict]:

@@ -74,20 +74,24 @@ def main() -> None:
 @click.option("--address", default=None, help="Ray cluster address (with --executor ray).")
 @click.option("--cpus-per-run", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPUs (and torch threads) per run on Ray.")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None,
+              help="GPUs per run on Ray (fractions allowed: 0.25 puts four runs on a GPU; default 0: runs train on "
+                   "the CPU).")
 @click.option("--ray-start-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"Seconds to wait for Ray to start or connect (with --executor ray; default "
                    f"{DEFAULT_RAY_START_TIMEOUT_S:g}).")
 @click.option("--out", default="plots", show_default=True, help="Where the report's figures go.")
 @click.option("--no-report", is_flag=True, help="Skip writing the report at the end.")
 def run(experiment, store, workers, threads, sets, device, dry_run, rerun, max_runs, executor, address,
-        cpus_per_run, ray_start_timeout, out, no_report):
+        cpus_per_run, gpus_per_run, ray_start_timeout, out, no_report):
     """Run EXPERIMENT (a TOML file or a shipped experiment's name; default: quick)."""
     from .config import DEFAULT_MAX_RUNS, ConfigError, load
 
     if device is not None:
         sets = (*sets, f'train.device="{device}"')
     if executor != "ray":
-        for opt, value in (("--address", address), ("--ray-start-timeout", ray_start_timeout)):
+        for opt, value in (("--address", address), ("--ray-start-timeout", ray_start_timeout),
+                           ("--gpus-per-run", gpus_per_run)):
             if value is not None:
                 _fail(f"{opt}: only with --executor ray")
     try:
@@ -102,12 +106,12 @@ def run(experiment, store, workers, threads, sets, device, dry_run, rerun, max_r
             click.echo(f"{r.run_id}  {label(r)}")
         click.echo(f"{len(runs)} runs in experiment {exp.name!r}")
         return
-    _run(exp, store, workers, threads, rerun, executor, address, cpus_per_run,
-         ray_start_timeout or DEFAULT_RAY_START_TIMEOUT_S, out, no_report)
+    ray_options = {"address": address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run or 0.0,
+                   "start_timeout_s": ray_start_timeout or DEFAULT_RAY_START_TIMEOUT_S}
+    _run(exp, store, workers, threads, rerun, executor, ray_options, out, no_report)
 
 
-def _run(exp, store, workers, threads, rerun, executor, address, cpus_per_run, ray_start_timeout, out,
-         no_report) -> None:
+def _run(exp, store, workers, threads, rerun, executor, ray_options, out, no_report) -> None:
     from .executors import make_executor
     from .store import Store
     from .sweep import plan, run_sweep
@@ -123,7 +127,12 @@ def _run(exp, store, workers, threads, rerun, executor, address, cpus_per_run, r
     except (*store_errors, OSError) as e:  # an unwritable path, a file that is not a store, a newer store
         _fail(f"--store {store}: {e}")
     if executor == "ray":
-        ex = make_executor("ray", threads=cpus_per_run, address=address, start_timeout_s=ray_start_timeout)
+        try:
+            ex = make_executor("ray", threads=ray_options["cpus_per_run"], address=ray_options["address"],
+                               start_timeout_s=ray_options["start_timeout_s"],
+                               gpus_per_run=ray_options["gpus_per_run"])
+        except ValueError as e:  # an impossible --gpus-per-run
+            _fail(str(e))
     else:
         ex = make_executor("local", workers=workers, threads=threads)
     console = Console(stderr=True)
@@ -236,6 +245,6 @@ def list_cmd():
     console.print(table)
 
 
-from .bench import bench_command  # noqa: E402  (the command lives beside the code it measures)
+from .bench_cli import bench_command  # noqa: E402  (torch is imported only when it runs)
 
 main.add_command(bench_command)

@@ -295,66 +295,14 @@ def _unknown(where: str, key: str, allowed) -> str:
     return f"{where}: unknown key{hint} (allowed: {', '.join(sorted(allowed))})"
 
 
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: a TOML value (``[8, 16]``, ``1e-3``, ``true``, ``"a b"``), else a bare string
-    (``linear/sum``). Text that opens a TOML array, table or string must be one: ``[`` is a syntax error,
-    not the string "["."""
-    text = text.strip()
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError as e:
-        if not text:
-            raise ConfigError("no value after '='") from None
-        if text[0] in "[{\"'":
-            raise ConfigError(f"malformed value {text!r} ({e})") from None
-        return text
-
-
-def _apply_sets(raw: dict[str, Any], sets: tuple[str, ...]) -> None:
-    for item in sets:
-        path, eq, text = item.partition("=")
-        sec, dot, key = path.strip().partition(".")
-        top = not dot and path.strip() in ("seeds", "name", "description")
-        if not eq or not (top or (dot and sec in ("task", "model", "train"))):
-            raise ConfigError(f"--set {item!r}: expected section.key=value with section task, model or train")
-        try:
-            value = parse_value(text)
-        except ConfigError as e:
-            raise ConfigError(f"--set {item!r}: {path.strip()}: {e}") from None
-        if top:
-            raw[path.strip()] = value
-        else:
-            if not isinstance(raw.setdefault(sec, {}), dict):
-                raise ConfigError(f"[{sec}] must be a table")
-            raw[sec][key.strip()] = value
-
-
-def _overrides(raw: Any) -> tuple[tuple[str, dict[str, dict[str, Any]]], ...]:
-    """The ``[[override]]`` tables' structure (their values are checked in ``_validate``, as sections' are)."""
-    if not isinstance(raw, list):
-        raise ConfigError(f"override: expected [[override]] tables (memory = \"NAME\", train = {{...}}, "
-                          f"model = {{...}}), got {type(raw).__name__} {raw!r}")
-    overrides = []
-    for i, ov in enumerate(raw):
-        if not isinstance(ov, dict) or not isinstance(ov.get("memory"), str):
-            raise ConfigError(f"override[{i}]: needs memory = \"NAME\" and train/model tables")
-        extra = set(ov) - {"memory", "train", "model"}
-        if extra:
-            raise ConfigError(f"override[{i}]: unknown key {sorted(extra)[0]} (allowed: memory, train, model)")
-        for sec in ("train", "model"):
-            if not isinstance(ov.get(sec, {}), dict):
-                raise ConfigError(f"override[{i}].{sec}: must be a table ({sec} = {{ key = value }}), got "
-                                  f"{type(ov[sec]).__name__} {ov[sec]!r}")
-        overrides.append((ov["memory"], {s: dict(ov.get(s, {})) for s in ("train", "model")}))
-    return tuple(overrides)
-
-
 def from_dict(raw: dict[str, Any], source: str = "", sets: tuple[str, ...] = (),
               max_runs: int = DEFAULT_MAX_RUNS) -> Experiment:
     """Build and validate an Experiment from parsed TOML plus ``section.key=value`` overrides; a grid of
     more than ``max_runs`` runs is refused before it is expanded."""
+    from .overrides import apply_sets, parse_overrides
+
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
-    _apply_sets(raw, sets)
+    apply_sets(raw, sets)
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         key = sorted(unknown)[0]
@@ -373,7 +321,7 @@ def from_dict(raw: dict[str, Any], source: str = "", sets: tuple[str, ...] = (),
         name=name, description=str(raw.get("description", "")),
         seeds=tuple(seeds) if isinstance(seeds, list) else (seeds,),
         task=raw.get("task", {}), model=raw.get("model", {}), train=raw.get("train", {}),
-        overrides=_overrides(raw.get("override", [])), source=source,
+        overrides=parse_overrides(raw.get("override", [])), source=source,
     )
     _validate(exp, max_runs)
     return exp

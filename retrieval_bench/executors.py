@@ -177,64 +177,21 @@ class LocalExecutor(Executor):
         return pool, pq
 
     def run(self, configs, on_start=None, on_progress=None):
-        todo = list(configs)
-        isolate: list[dict[str, Any]] = []  # runs in flight when a pool broke: rerun one at a time
-        retries: dict[str, int] = {}
-        pool, pq = self._pool()
-        pending: dict[Future, dict[str, Any]] = {}
-        alone = False  # whether the one run in flight is an isolated one
+        runs = _PoolRuns(self, list(configs), on_start, on_progress)
         try:
-            while todo or isolate or pending:
-                if not pending:
-                    alone = bool(isolate)
-                source, limit = (isolate, 1) if alone else (todo, self.workers)
-                broken = False
-                while source and len(pending) < limit:
-                    cfg = source.pop(0)
-                    try:
-                        fut = pool.submit(_execute_in_pool, self.job, cfg)
-                    except BrokenProcessPool:  # a worker died between polls: cfg never ran
-                        source.insert(0, cfg)
-                        broken = True
-                        break
-                    pending[fut] = cfg
-                    if on_start:
-                        on_start({"run_id": as_run(cfg).run_id})
-                lost: list[dict[str, Any]] = []
-                if not broken:
-                    done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-                    _drain(pq, on_progress)
-                    for fut in done:
-                        cfg = pending.pop(fut)
-                        try:
-                            result = fut.result()
-                        except BrokenProcessPool:
-                            lost.append(cfg)
-                            continue
-                        yield result
+            while runs.unfinished():
+                lost = runs.submit()
+                if lost is None:  # every submission went in: wait a moment for results
+                    results, lost = runs.collect()
+                    yield from results
                     if not lost:
                         continue
-                # a dead worker poisons the whole pool: every run still in flight is lost with it
-                lost += pending.values()
-                pending.clear()
-                log.warning("a worker process died; restarting the pool")
-                _stop(pool, pq)
-                pool, pq = self._pool()
-                if not (alone and len(lost) == 1):  # any of them may be the cause: rerun each alone
-                    isolate[:0] = lost
-                    continue
-                cfg = lost[0]  # it broke the pool alone
-                rid = as_run(cfg).run_id
-                retries[rid] = retries.get(rid, 0) + 1
-                if retries[rid] <= self.max_retries:
-                    isolate.insert(0, cfg)
-                else:
-                    from .train import failed_result
-
-                    yield failed_result(as_run(cfg), "worker process died (killed or OOM)")
-            _drain(pq, on_progress)
+                failed = runs.restart(lost)
+                if failed is not None:
+                    yield failed
+            _drain(runs.pq, on_progress)
         finally:
-            _stop(pool, pq)
+            _stop(runs.pool, runs.pq)
             self._current = None
 
     def close(self) -> None:
@@ -242,6 +199,78 @@ class LocalExecutor(Executor):
         current, self._current = self._current, None
         if current is not None:
             _stop(*current)
+
+
+class _PoolRuns:
+    """The state of one ``LocalExecutor.run``: the runs still to do, those in flight, and the rule that finds
+    the run that kills its workers. Normally up to ``workers`` runs from ``todo`` are in flight. After a pool
+    breaks, its runs in flight go to ``isolate`` and are rerun one at a time (``alone``) on a fresh pool: one
+    that breaks a pool alone is retried ``max_retries`` times, then stored ``failed``."""
+
+    def __init__(self, executor: LocalExecutor, todo: list, on_start: Progress | None,
+                 on_progress: Progress | None):
+        self.executor, self.todo, self.on_start, self.on_progress = executor, todo, on_start, on_progress
+        self.isolate: list = []  # runs in flight when a pool broke: rerun one at a time
+        self.retries: dict[str, int] = {}
+        self.pending: dict[Future, Any] = {}
+        self.alone = False  # whether the one run in flight is an isolated one
+        self.pool, self.pq = executor._pool()
+
+    def unfinished(self) -> bool:
+        return bool(self.todo or self.isolate or self.pending)
+
+    def submit(self) -> list | None:
+        """Fill the pool from ``isolate`` (one at a time) or ``todo``. Returns None, or, where the pool turned
+        out broken (a worker died between polls), the runs lost with it (the one being submitted never ran and
+        goes back to its list)."""
+        if not self.pending:
+            self.alone = bool(self.isolate)
+        source, limit = (self.isolate, 1) if self.alone else (self.todo, self.executor.workers)
+        while source and len(self.pending) < limit:
+            cfg = source.pop(0)
+            try:
+                fut = self.pool.submit(_execute_in_pool, self.executor.job, cfg)
+            except BrokenProcessPool:
+                source.insert(0, cfg)
+                return []
+            self.pending[fut] = cfg
+            if self.on_start:
+                self.on_start({"run_id": as_run(cfg).run_id})
+        return None
+
+    def collect(self) -> tuple[list[dict[str, Any]], list]:
+        """Wait up to 0.5 s for runs to end: (their results, the runs lost with a broken pool)."""
+        done, _ = wait(list(self.pending), timeout=0.5, return_when=FIRST_COMPLETED)
+        _drain(self.pq, self.on_progress)
+        results, lost = [], []
+        for fut in done:
+            cfg = self.pending.pop(fut)
+            try:
+                results.append(fut.result())
+            except BrokenProcessPool:
+                lost.append(cfg)
+        return results, lost
+
+    def restart(self, lost: list) -> dict[str, Any] | None:
+        """A dead worker poisons the whole pool, and every run still in flight is lost with it: start a fresh
+        pool and decide what to rerun. Returns the ``failed`` record of a run out of retries, else None."""
+        lost += self.pending.values()
+        self.pending.clear()
+        log.warning("a worker process died; restarting the pool")
+        _stop(self.pool, self.pq)
+        self.pool, self.pq = self.executor._pool()
+        if not (self.alone and len(lost) == 1):  # any of them may be the cause: rerun each alone
+            self.isolate[:0] = lost
+            return None
+        cfg = lost[0]  # it broke the pool alone
+        rid = as_run(cfg).run_id
+        self.retries[rid] = self.retries.get(rid, 0) + 1
+        if self.retries[rid] <= self.executor.max_retries:
+            self.isolate.insert(0, cfg)
+            return None
+        from .train import failed_result
+
+        return failed_result(as_run(cfg), "worker process died (killed or OOM)")
 
 
 def _drain(pq, on_progress) -> None:

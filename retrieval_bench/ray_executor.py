@@ -1,14 +1,16 @@
 """The Ray executor (``--executor ray``): the same job function as the local pool, run as Ray tasks.
 
 Results come back to the driver, which alone writes the store, so resume and skipping behave as with the local
-executor. Each run is one task with ``num_cpus=threads_per_run`` that caps torch at as many threads. A task
+executor. Each run is one task with ``num_cpus=threads_per_run`` that caps torch at as many threads, and
+``num_gpus=gpus_per_run`` (``--gpus-per-run``, fractions allowed: 0.25 packs four runs on a GPU); a task without
+GPUs trains on the CPU even where ``device = "auto"`` would find one (``on_cpu_unless_given_gpus``). A task
 whose worker dies (killed, OOM) is retried by Ray (``max_retries``); after that the run is stored as
 ``failed`` and the sweep goes on, and a rerun of the command retries it. Live progress goes through a small
 actor that the workers post to and the driver drains.
 
 Start-up: ``ray.init`` runs in a helper thread while the driver waits with a time limit
 (``start_timeout_s``), so Ctrl-C is handled at once and a machine too busy to start Ray gets a message, not a
-hang. A private local instance is watched by a small reaper process (``_REAPER``) that stops every process the
+hang. A private local instance is watched by a small reaper process (``ray_reaper``) that stops every process the
 instance started once the driver ends, however it ends (even by SIGKILL), so no Ray process outlives it.
 
 Ray is an optional extra (``pip install 'retrieval-bench[ray]'``): importing this module needs it.
@@ -17,9 +19,7 @@ Ray is an optional extra (``pip install 'retrieval-bench[ray]'``): importing thi
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +29,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from .executors import Executor, as_run, execute, setup_worker
+from .ray_reaper import start_reaper
 
 log = logging.getLogger(__name__)
 
@@ -44,72 +45,17 @@ POLL_S = 0.5
 START_TIMEOUT_S = 120.0
 
 
+def capacity(resources: dict[str, float], cpus_per_run: int, gpus_per_run: float = 0.0) -> int:
+    """Runs a cluster with ``resources`` (``ray.cluster_resources()``) holds at once: as many as its CPUs allow,
+    and its GPUs where runs reserve some (at least one)."""
+    n = resources.get("CPU", 0) // cpus_per_run
+    if gpus_per_run > 0:
+        n = min(n, resources.get("GPU", 0) // gpus_per_run)
+    return max(1, int(n))
+
+
 class RayStartError(ConnectionError):
     """Ray did not start (or connect) within the time limit; what it had started is stopped."""
-
-
-# The reaper: a separate small process (plain Python, no imports of this package, so it starts in tens of ms)
-# that records every process descended from the driver since the reaper began, and when its stdin closes (the
-# driver closed it, or died) stops those still alive: SIGTERM, then SIGKILL. Recording as they appear is what
-# it takes: when the driver dies its children die with it (Ray binds them to it), but theirs (Ray's agents)
-# are re-parented to init and would otherwise live on.
-_REAPER = r"""
-import os, select, signal, sys, time
-driver, me = int(sys.argv[1]), os.getpid()
-
-def stat(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[19])  # state, ppid, start time (clock ticks after boot)
-
-born, seen = stat(me)[2], {}
-
-def scan():
-    procs = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit() and (st := stat(int(name))) is not None:
-            procs[int(name)] = st
-    children = {}
-    for pid, (_, ppid, _) in procs.items():
-        children.setdefault(ppid, []).append(pid)
-    todo = [driver, *seen]
-    while todo:
-        for c in children.get(todo.pop(), ()):
-            if c != me and c not in seen and procs[c][2] >= born:
-                seen[c] = procs[c][2]
-                todo.append(c)
-
-def alive():
-    return [p for p, start in seen.items() if (st := stat(p)) is not None and st[2] == start and st[0] != b"Z"]
-
-while True:
-    scan()
-    if select.select([sys.stdin], [], [], 0.5)[0] and not os.read(sys.stdin.fileno(), 4096):
-        break
-scan()
-for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
-    for p in alive():
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-    end = time.monotonic() + wait
-    while alive() and time.monotonic() < end:
-        time.sleep(0.05)
-"""
-
-
-def _start_reaper() -> subprocess.Popen | None:
-    """The reaper for a Ray instance this process is about to start, or None where there is no /proc."""
-    if not os.path.isdir("/proc/self"):
-        return None
-    # its own session: a Ctrl-C at the terminal (SIGINT to the driver's process group) must not end it first
-    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _REAPER, str(os.getpid())], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 class _QuietThreadWarning(logging.Filter):
@@ -161,15 +107,29 @@ class _ProgressSink:
             self._last = None
 
 
-def _task(job: Job, threads: int, cfg: dict[str, Any], progress: _ProgressSink | None) -> dict[str, Any]:
+def on_cpu_unless_given_gpus(cfg: Any, gpus: float) -> Any:
+    """A run's config as a Ray task without GPUs trains it: ``device = "auto"`` becomes ``"cpu"``, since a task
+    that reserved no GPU must not take one of its node's (an explicit ``cuda`` stays, and fails there as it would
+    anywhere without CUDA). The device is no part of a run's identity, so its id is unchanged."""
+    import dataclasses
+
+    run = as_run(cfg)
+    if gpus > 0 or run.train.device != "auto":
+        return cfg
+    return dataclasses.replace(run, train=dataclasses.replace(run.train, device="cpu"))
+
+
+def _task(job: Job, threads: int, cfg: dict[str, Any], progress: _ProgressSink | None,
+          gpus: float = 0.0) -> dict[str, Any]:
     """What a Ray worker runs for one run: the per-worker thread cap, the job function, then the progress
-    events flushed (so that the driver sees them before the result)."""
+    events flushed (so that the driver sees them before the result). With ``gpus`` > 0 Ray has made the GPUs
+    it reserved the task's visible CUDA devices, so ``auto`` finds them."""
     global _worker_threads
     if _worker_threads != threads:  # once per worker process (Ray reuses workers across tasks)
         setup_worker(threads)
         _worker_threads = threads
     try:
-        return job(cfg, progress)
+        return job(on_cpu_unless_given_gpus(cfg, gpus), progress)
     finally:
         if progress is not None:
             progress.flush()
@@ -187,9 +147,14 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, threads_per_run: int = 1, address: str | None = None, num_cpus: int | None = None,
-                 max_retries: int = 1, job: Job = execute, start_timeout_s: float = START_TIMEOUT_S):
+                 max_retries: int = 1, job: Job = execute, start_timeout_s: float = START_TIMEOUT_S,
+                 gpus_per_run: float = 0.0):
         if threads_per_run < 1:
             raise ValueError(f"threads_per_run must be >= 1, got {threads_per_run}")
+        if not (gpus_per_run >= 0 and (gpus_per_run <= 1 or float(gpus_per_run).is_integer())):
+            raise ValueError(f"--gpus-per-run: {gpus_per_run} is neither a fraction of one GPU (0 to 1) nor a "
+                             "whole number of GPUs")
+        self.gpus = float(gpus_per_run)
         if not start_timeout_s > 0:
             raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s}")
         self.threads, self.address, self.num_cpus = threads_per_run, address, num_cpus
@@ -220,7 +185,7 @@ class RayExecutor(Executor):
                         "(`ray status`)? If it uses token authentication, set RAY_AUTH_MODE=token here and "
                         "give this machine the cluster's token (see docs/ray.md)") from e
             else:
-                self._reaper = _start_reaper()
+                self._reaper = start_reaper()
                 self._init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
                            ignore_reinit_error=True)
             self._started = True
@@ -292,7 +257,7 @@ class RayExecutor(Executor):
 
     def _capacity(self) -> int:
         """How many runs the cluster can hold at once (at least one)."""
-        return max(1, int(ray.cluster_resources().get("CPU", 0) // self.threads))
+        return capacity(ray.cluster_resources(), self.threads, self.gpus)
 
     @property
     def workers(self) -> int:
@@ -306,7 +271,9 @@ class RayExecutor(Executor):
         if not todo:  # nothing to do (everything stored): do not start Ray at all
             return
         self._connect()
-        remote = ray.remote(_task).options(num_cpus=self.threads, max_retries=self.max_retries,
+        if self.gpus and not ray.cluster_resources().get("GPU"):
+            raise ValueError(f"--gpus-per-run {self.gpus:g}: the Ray cluster has no GPUs")
+        remote = ray.remote(_task).options(num_cpus=self.threads, num_gpus=self.gpus, max_retries=self.max_retries,
                                            name="retrieval-bench-run")
         progress = None
         if on_progress is not None:
@@ -319,7 +286,7 @@ class RayExecutor(Executor):
                     room = self._capacity() - len(pending)
                     for _ in range(min(room, len(todo))):
                         cfg = todo.pop(0)
-                        pending[remote.remote(self.job, self.threads, cfg, progress)] = cfg
+                        pending[remote.remote(self.job, self.threads, cfg, progress, self.gpus)] = cfg
                         if on_start:
                             on_start({"run_id": as_run(cfg).run_id})
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)

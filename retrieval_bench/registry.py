@@ -8,6 +8,7 @@ fails only when used, with an error naming its distribution.
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +25,22 @@ def did_you_mean(name: str, choices, n: int = 3, cutoff: float = 0.6, quote: boo
     hint every unknown name gets, in the registries, the experiment files and the CLI."""
     close = difflib.get_close_matches(name, [str(c) for c in choices], n=n, cutoff=cutoff)
     return f"; did you mean {', '.join(repr(c) if quote else c for c in close)}?" if close else ""
+
+# The modules whose import registers the built-ins. ``import retrieval_bench`` imports none of them (they need
+# torch); the first lookup in any registry does, so a name is never missing for want of an import.
+BUILTIN_MODULES = ("retrieval_bench.feature_maps", "retrieval_bench.memories", "retrieval_bench.tasks")
+_builtins_loaded = False
+
+
+def load_builtins() -> None:
+    """Import the modules that register the built-in names (once; a no-op while they are being imported)."""
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    _builtins_loaded = True
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
 
 class RegistryError(ValueError):
     """An unknown name, a name claimed twice, or a plugin that fails to load."""
@@ -76,6 +93,7 @@ class Registry:
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
+        load_builtins()
         self._plugins_loaded = True
         for ep in entry_points(group=self.group):
             dist = getattr(ep, "dist", None)

@@ -30,6 +30,7 @@ BENCH_COLUMNS = {
     "memory": "TEXT", "task": "TEXT", "num_keys": "INTEGER", "seq_len": "INTEGER", "form": "TEXT",
     "threads": "INTEGER", "batch_size": "INTEGER", "d_key": "INTEGER", "ms_step": "REAL", "ms_eval": "REAL",
     "peak_mb": "REAL", "max_diff": "REAL", "status": "TEXT", "version": "TEXT", "measured_at": "TEXT",
+    "device": "TEXT",
 }
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -106,8 +107,10 @@ class Store:
                 # a retry after a later step was locked finds the store migrated: keep the first attempt's record
                 done = migrations.upgrade(self.path, con, RUN_COLUMNS, BENCH_COLUMNS) or done
                 migrations.note_fingerprint(con)
-                if "runs" in migrations.tables(con):  # a column this version writes and the store lacks
-                    migrations.add_missing_columns(con, "runs", RUN_COLUMNS)  # (nullable: nothing to back up)
+                have = migrations.tables(con)
+                for table, columns in (("runs", RUN_COLUMNS), ("bench", BENCH_COLUMNS)):
+                    if table in have:  # a column this version writes and the store lacks (nullable: no backup)
+                        migrations.add_missing_columns(con, table, columns)
                 con.execute("PRAGMA journal_mode=WAL")  # readers (report) never block the writing driver
                 con.executescript(SCHEMA)
                 if version is None:

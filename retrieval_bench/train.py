@@ -57,87 +57,115 @@ def train_run(cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None 
     ``progress`` is called after every evaluation with ``{"run_id", "step", "eval_loss"}`` (the live view).
     """
     t0 = time.perf_counter()
+    run = _Run(cfg, progress)
     tc = cfg.train
-    fam = family(cfg.model.kind)
-    # The protocol options in force (each raises ConfigError, naming the field, on an unknown value).
-    fresh_sets, train_on = tc.option("eval_set") == "fresh", tc.option("nonfinite") == "continue"
-    device = resolve_device(tc.device, "train.device")
-    task = cfg.task.build()
-    model = fam.build(cfg, task).to(device)
-    opt, schedule = fam.optimizer(cfg, model)
-    train_gen, eval_gen = _gen(cfg.seed, _TRAIN), _gen(cfg.seed, _EVAL)
-    # the run's evaluation set ("fixed"), or the first of a series ("fresh"); drawn on the host, moved once
-    eval_set = to_device(task.eval_set(eval_gen), device)
-    tracker = fam.tracker(cfg)
-
-    curves: list[tuple] = []
-    diags: list[tuple] = []
-    best, strike, final_loss, final_acc = math.inf, 0, None, None
-    status, reason, step, train_sum, grad_norm = "done", "max_steps", 0, 0.0, 0.0
-    first_bad, n_evals = None, 0  # the first step with a non-finite value (nonfinite = "continue")
     for step in range(1, tc.max_steps + 1):
-        loss = fam.train_loss(model, to_device(task.sample(tc.batch_size, train_gen), device))
-        opt.zero_grad(set_to_none=True)
+        if not run.train_step(step):
+            break
+        if step % tc.eval_every and step != tc.max_steps:
+            continue
+        if not run.evaluate(step):
+            break
+    return run.result(t0)
+
+
+class _Run:
+    """One run in training: the family's model, optimizer and task, and what the loop carries between steps."""
+
+    def __init__(self, cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None):
+        self.cfg, self.progress = cfg, progress
+        tc = cfg.train
+        self.fam = fam = family(cfg.model.kind)
+        # The protocol options in force (each raises ConfigError, naming the field, on an unknown value).
+        self.fresh_sets, self.train_on = tc.option("eval_set") == "fresh", tc.option("nonfinite") == "continue"
+        self.device = resolve_device(tc.device, "train.device")
+        self.task = cfg.task.build()
+        self.model = fam.build(cfg, self.task).to(self.device)
+        self.opt, self.schedule = fam.optimizer(cfg, self.model)
+        self.train_gen, self.eval_gen = _gen(cfg.seed, _TRAIN), _gen(cfg.seed, _EVAL)
+        # the run's evaluation set ("fixed"), or the first of a series ("fresh"); drawn on the host, moved once
+        self.eval_set = to_device(self.task.eval_set(self.eval_gen), self.device)
+        self.tracker = fam.tracker(cfg)
+        self.curves: list[tuple] = []
+        self.diags: list[tuple] = []
+        self.best, self.strike, self.final_loss, self.final_acc = math.inf, 0, None, None
+        self.status, self.reason, self.step, self.train_sum, self.grad_norm = "done", "max_steps", 0, 0.0, 0.0
+        self.first_bad, self.n_evals = None, 0  # the first step with a non-finite value (nonfinite = "continue")
+
+    def train_step(self, step: int) -> bool:
+        """One optimizer step on a fresh batch; False where a non-finite loss ends the run."""
+        self.step = step
+        fam, model, tc = self.fam, self.model, self.cfg.train
+        loss = fam.train_loss(model, to_device(self.task.sample(tc.batch_size, self.train_gen), self.device))
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
         lv = loss.item()
         if not math.isfinite(lv):
-            if not train_on:
-                status, reason = "diverged", f"non-finite training loss at step {step}"
-                if tracker is not None:
-                    diags += [(step, *r) for r in tracker.update(step, [], loss=lv)]
-                break
-            first_bad = first_bad or step
-            if tracker is not None:
-                tracker.observe(step, loss=lv)  # reported with the next evaluation's rows
-        train_sum += lv
-        fam.clip(cfg, model)
-        opt.step()  # with NaN gradients (nonfinite = "continue") Adam makes the parameters NaN, as officially
-        if schedule is not None:
-            schedule.step()
-        if step % tc.eval_every and step != tc.max_steps:
-            continue
-        grad_norm = _grad_norm(model)
-        if fresh_sets and n_evals:
-            eval_set = to_device(task.eval_set(eval_gen), device)
-        n_evals += 1
-        ev = fam.evaluate(model, eval_set, cfg)
+            if not self.train_on:
+                self.status, self.reason = "diverged", f"non-finite training loss at step {step}"
+                if self.tracker is not None:
+                    self.diags += [(step, *r) for r in self.tracker.update(step, [], loss=lv)]
+                return False
+            self.first_bad = self.first_bad or step
+            if self.tracker is not None:
+                self.tracker.observe(step, loss=lv)  # reported with the next evaluation's rows
+        self.train_sum += lv
+        fam.clip(self.cfg, model)
+        self.opt.step()  # with NaN gradients (nonfinite = "continue") Adam makes the parameters NaN, as officially
+        if self.schedule is not None:
+            self.schedule.step()
+        return True
+
+    def evaluate(self, step: int) -> bool:
+        """Evaluate, record, and apply the stop rules; False where the run ends here."""
+        model, tc = self.model, self.cfg.train
+        self.grad_norm = _grad_norm(model)
+        if self.fresh_sets and self.n_evals:
+            self.eval_set = to_device(self.task.eval_set(self.eval_gen), self.device)
+        self.n_evals += 1
+        ev = self.fam.evaluate(model, self.eval_set, self.cfg)
         n_train = step % tc.eval_every or tc.eval_every
-        curves += [(step, "eval", "loss", ev.loss), (step, "eval", "acc", ev.acc),
-                   (step, "train", "loss", train_sum / n_train)] + [(step, *c) for c in ev.curves]
-        train_sum = 0.0
-        diags += [(step, *d) for d in ev.diagnostics]
-        if tracker is not None:
-            diags += [(step, *r) for r in tracker.collect(model, eval_set, step=step, y=ev.state,
-                                                           grad_norm=grad_norm, loss=ev.loss)]
-        if not (math.isfinite(ev.loss) and math.isfinite(grad_norm) and _finite_params(model)):
-            if not train_on:
-                status, reason = "diverged", f"non-finite eval loss, gradient or parameter at step {step}"
-                break
-            first_bad = first_bad or step
+        self.curves += [(step, "eval", "loss", ev.loss), (step, "eval", "acc", ev.acc),
+                        (step, "train", "loss", self.train_sum / n_train)] + [(step, *c) for c in ev.curves]
+        self.train_sum = 0.0
+        self.diags += [(step, *d) for d in ev.diagnostics]
+        if self.tracker is not None:
+            self.diags += [(step, *r) for r in self.tracker.collect(model, self.eval_set, step=step, y=ev.state,
+                                                                    grad_norm=self.grad_norm, loss=ev.loss)]
+        if not (math.isfinite(ev.loss) and math.isfinite(self.grad_norm) and _finite_params(model)):
+            if not self.train_on:
+                self.status, self.reason = "diverged", f"non-finite eval loss, gradient or parameter at step {step}"
+                return False
+            self.first_bad = self.first_bad or step
         # the reported value is the last evaluation's (None where it is not finite)
-        final_loss, final_acc = (ev.loss, ev.acc) if math.isfinite(ev.loss) else (None, None)
-        if progress is not None:
-            progress({"run_id": cfg.run_id, "step": step, "eval_loss": ev.loss})
+        self.final_loss, self.final_acc = (ev.loss, ev.acc) if math.isfinite(ev.loss) else (None, None)
+        if self.progress is not None:
+            self.progress({"run_id": self.cfg.run_id, "step": step, "eval_loss": ev.loss})
         # a NaN eval loss is never a new best nor solved: strikes count on, as in the official code
-        improved, best = ev.loss < best, min(best, ev.loss)
-        if math.isfinite(ev.loss) and fam.solved(ev, tc):
-            reason = "solved"
-            break
-        strike = 0 if improved else strike + 1
-        if strike >= tc.patience:
-            reason = "patience"
-            break
-    if first_bad is not None:  # trained on through non-finite values: stored as diverged, ended by its rule
-        status, reason = "diverged", f"{reason} (non-finite from step {first_bad})"
-    if status == "diverged":
-        log.warning("run %s diverged: %s", cfg.run_id, reason)
-    elif _finite_params(model):
-        diags += [(step, *d) for d in fam.final(model, task, cfg, eval_gen)]
-    row = run_row(cfg, status=status, stop_reason=reason, steps=step, final_loss=final_loss,
-                  best_loss=best if math.isfinite(best) else None, final_acc=final_acc,
-                  wall_s=time.perf_counter() - t0, device=f"{device} ({device_name(device)})",
-                  **fam.row(model, cfg, task))
-    return {"row": row, "curves": curves, "diagnostics": diags}
+        improved, self.best = ev.loss < self.best, min(self.best, ev.loss)
+        if math.isfinite(ev.loss) and self.fam.solved(ev, tc):
+            self.reason = "solved"
+            return False
+        self.strike = 0 if improved else self.strike + 1
+        if self.strike >= tc.patience:
+            self.reason = "patience"
+            return False
+        return True
+
+    def result(self, t0: float) -> dict[str, Any]:
+        """The run's record: its row (wall time from ``t0``), curves and diagnostics."""
+        cfg, model, step = self.cfg, self.model, self.step
+        if self.first_bad is not None:  # trained on through non-finite values: stored as diverged
+            self.status, self.reason = "diverged", f"{self.reason} (non-finite from step {self.first_bad})"
+        if self.status == "diverged":
+            log.warning("run %s diverged: %s", cfg.run_id, self.reason)
+        elif _finite_params(model):
+            self.diags += [(step, *d) for d in self.fam.final(model, self.task, cfg, self.eval_gen)]
+        row = run_row(cfg, status=self.status, stop_reason=self.reason, steps=step, final_loss=self.final_loss,
+                      best_loss=self.best if math.isfinite(self.best) else None, final_acc=self.final_acc,
+                      wall_s=time.perf_counter() - t0, device=f"{self.device} ({device_name(self.device)})",
+                      **self.fam.row(model, cfg, self.task))
+        return {"row": row, "curves": self.curves, "diagnostics": self.diags}
 
 
 def run_row(cfg: RunConfig, **fields: Any) -> dict[str, Any]:

@@ -73,6 +73,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+def assert_sampling_leaves_global_rng(task) -> None:
+    """A task draws from the generators it is given only: sampling and eval sets leave torch's global RNG as
+    they found it."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    task.sample(4, torch.Generator().manual_seed(0))
+    task.eval_set(torch.Generator().manual_seed(0))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def fix_random_features(mem: torch.nn.Module) -> torch.nn.Module:
     """Freeze FAVOR+-like redraws so that two calls see the same Ω (a map with a ``policy`` attribute)."""
     phi = getattr(mem, "phi", None)

@@ -9,16 +9,8 @@ import torch
 from click.testing import CliRunner
 
 import retrieval_bench as rb
-from retrieval_bench.bench import (
-    ROW_KEYS,
-    bench_command,
-    format_table,
-    max_difference,
-    peak_memory_mb,
-    reference_form,
-    run_bench,
-    tune_malloc,
-)
+from retrieval_bench.bench import ROW_KEYS, peak_memory_mb, reference_form, run_bench, tune_malloc
+from retrieval_bench.bench_cli import bench_command, format_table, max_difference
 
 TINY = {"num_keys": [6], "threads": 1, "repeat": 1, "batch_size": 3, "d_key": 8, "warmup": 0}
 
@@ -113,3 +105,36 @@ def test_chunkwise_throughput_reports_rates():
     r = bench.chunkwise_throughput(batch=2, seq_len=64, d_feat=16, d_value=8, chunk=16, threads=1, repeat=1)
     assert set(r) == {"ms", "gflops", "gemm_gflops", "peak_gflops"} and all(x > 0 for x in r.values())
     assert bench.chunkwise_flops(1, 64, 16, 8, 16) == 4 * (6 * 16 * 16 * 8 + 2 * 16 * 16 * (3 * 16 + 2 * 8))
+
+
+def test_bench_records_the_device_and_an_older_store_gains_the_column(tmp_path):
+    """Each row says where it ran; a store whose bench table predates the column gets it on open, and its old
+    rows keep their numbers (NULL device)."""
+    import shutil
+    from pathlib import Path
+
+    from retrieval_bench.store import Store
+
+    store = tmp_path / "old.db"
+    shutil.copy(Path(__file__).parent / "fixtures" / "store-0.2.1.db", store)
+    before = Store(store).load("bench")
+    args = ["--memory", "dpfp-1/sum", "--num-keys", "6", "--threads", "1", "--repeat", "1", "--batch-size", "3",
+            "--d-key", "8", "--device", "cpu", "--store", str(store)]
+    result = CliRunner().invoke(bench_command, args)
+    assert result.exit_code == 0, result.output
+    after = Store(store).load("bench")
+    assert len(after) == len(before) + 2
+    old, new = after.iloc[: len(before)], after.iloc[len(before):]
+    assert old["ms_step"].tolist() == before["ms_step"].tolist() and old["device"].isna().all()
+    assert all(d.startswith("cpu (") for d in new["device"])
+
+
+def test_bench_refuses_a_device_it_cannot_use(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    db = tmp_path / "b.db"
+    result = CliRunner().invoke(bench_command, ["--memory", "softmax", "--device", "cuda", "--store", str(db)])
+    assert result.exit_code == 2 and "--device" in result.output and "CUDA" in result.output, result.output
+    assert not db.exists()
+    result = CliRunner().invoke(bench_command, ["--memory", "softmax", "--device", "tpu"])
+    assert result.exit_code == 2 and "unknown device" in result.output, result.output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from click.testing import CliRunner
 
-from retrieval_bench.bench import bench_command
+from retrieval_bench.bench_cli import bench_command
 from retrieval_bench.bench_lm import lm_step_ms
 from retrieval_bench.store import Store
 

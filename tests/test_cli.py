@@ -89,3 +89,34 @@ def test_malformed_and_missing_files_exit_2(tmp_path):
 def test_report_on_missing_store_exit_2(tmp_path):
     res = CliRunner().invoke(main, ["report", "--store", str(tmp_path / "none.db")])
     assert res.exit_code == 2 and "no such results store" in res.output
+
+
+def test_report_runs_without_torch(tmp_path):
+    """``retrieval-bench report`` (and ``import retrieval_bench``) never import torch: a report starts fast on any
+    machine that holds a store. Run in a fresh interpreter, where torch's import is refused outright."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = tmp_path / "store.db"
+    shutil.copy(Path(__file__).parent / "fixtures" / "store-0.2.1.db", store)  # a store of an older version
+    code = f"""
+import sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported by the report")
+
+sys.meta_path.insert(0, NoTorch())
+import retrieval_bench as rb
+from retrieval_bench.cli import main
+main(["report", "--store", {str(store)!r}, "--experiment", "tiny", "--out", {str(tmp_path / "plots")!r}],
+     standalone_mode=False)
+assert rb.__version__ and "torch" not in sys.modules
+print("no torch")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "no torch" in res.stdout, res.stderr[-3000:]
+    assert (tmp_path / "plots" / "tiny" / "report.md").is_file()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from retrieval_bench.config import ConfigError, RunConfig, from_dict, load, parse_value, shipped_experiments
+from retrieval_bench.config import ConfigError, RunConfig, from_dict, load, shipped_experiments
+from retrieval_bench.overrides import parse_value
 
 
 def base(tiny_experiment, **changes):

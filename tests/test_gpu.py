@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import torch
+from conftest import fix_random_features  # tests/ is on sys.path
 
 import retrieval_bench as rb
 from retrieval_bench import registry, runtime
@@ -60,15 +61,6 @@ def memory_specs() -> list[str]:
     return [s for s in dict.fromkeys(specs) if buildable(s)]
 
 
-def _fixed(mem: torch.nn.Module) -> torch.nn.Module:
-    """Random features (FAVOR+) drawn once and kept, so that a copy moved to the device reads the same Ω."""
-    phi = getattr(mem, "phi", None)
-    if phi is not None and hasattr(phi, "policy"):
-        phi.policy = "fixed"
-        phi.seed(0)
-    return mem
-
-
 def _check_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, ref_error: float, what: str) -> None:
     """max |got - ref| <= rtol · max |ref| + 4 · ref_error (got moved to the CPU, in float64)."""
     got = got.detach().cpu().double()
@@ -103,7 +95,7 @@ def check_memory_parity(spec: str, device: torch.device) -> None:
     values, no grad), which takes other forms (the delta rule's chunkwise W, FWM's plain loop)."""
     B, L, K, V, Q = 2, 20, 8, 5, 3  # L > 16: the chunked forms run two chunks, the second padded
     g = torch.Generator().manual_seed(1)
-    mem = _fixed(rb.memory(spec, d_key=K))
+    mem = fix_random_features(rb.memory(spec, d_key=K))
     extra = [name for name in mem.gates if name != "beta"]
     base = [0.5 * torch.randn(B, L, K, generator=g, dtype=torch.float64), torch.randn(B, L, V, generator=g,
             dtype=torch.float64), torch.sigmoid(torch.randn(B, L, generator=g, dtype=torch.float64)),
@@ -136,7 +128,7 @@ def check_training_step(spec: str, device: torch.device) -> None:
     batch = tk.sample(B, torch.Generator().manual_seed(2))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        model = RetrievalModel(S, _fixed(rb.memory(spec, d_key=8)), d_key=8, num_values=tk.num_values)
+        model = RetrievalModel(S, fix_random_features(rb.memory(spec, d_key=8)), d_key=8, num_values=tk.num_values)
     model(batch.keys[:1], batch.values[:1], batch.query[:1, None])  # draws a fixed Ω before the copies
     results, names = {}, ["loss", *(n for n, _ in model.named_parameters())]
     for dev in dict.fromkeys([torch.device("cpu"), device]):

@@ -175,3 +175,16 @@ def test_the_copy_task_needs_the_mixer(monkeypatch):
     mem = model.memories[0]
     monkeypatch.setattr(mem, "causal", lambda keys, values, queries, betas=None, **g: torch.zeros_like(values))
     assert _train_copy(model) < 0.3
+
+
+def test_rb_lm_stays_the_function_once_its_module_is_imported():
+    """``rb.lm`` is a function in the submodule ``retrieval_bench.lm``; the package imports names lazily, and
+    importing the submodule must not rebind ``rb.lm`` to the module."""
+    import importlib
+    import types
+
+    import retrieval_bench as rb
+
+    module = importlib.import_module("retrieval_bench.lm")
+    assert not isinstance(rb.lm, types.ModuleType) and rb.lm is module.lm
+    assert rb.CausalLM is module.CausalLM

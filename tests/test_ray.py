@@ -223,3 +223,33 @@ def test_connect_and_close(monkeypatch):
     monkeypatch.setattr(ray_executor, "ray", fake)
     assert list(RayExecutor().run([])) == []
     assert fake.calls == []
+
+
+def test_gpus_per_run_sets_capacity_and_where_runs_train():
+    """--gpus-per-run: a run takes its share of a GPU (capacity counts GPUs then), and a task that reserved none
+    trains on the CPU even where device = "auto" would find one; an explicit device stays."""
+    pytest.importorskip("ray")
+    from retrieval_bench.config import RunConfig
+    from retrieval_bench.ray_executor import RayExecutor, capacity, on_cpu_unless_given_gpus
+
+    assert capacity({"CPU": 16.0, "GPU": 2.0}, 1) == 16
+    assert capacity({"CPU": 16.0, "GPU": 2.0}, 1, 0.25) == 8
+    assert capacity({"CPU": 4.0, "GPU": 2.0}, 2, 0.5) == 2
+    assert capacity({"CPU": 16.0}, 1, 1.0) == 1  # never below one
+    cfg = RunConfig.from_dict({"experiment": "x", "seed": 1, "task": {"name": "capacity", "num_keys": 4},
+                               "model": {"memory": "softmax", "d_key": 4}, "train": {}})
+    assert cfg.train.device == "auto"
+    cpu = on_cpu_unless_given_gpus(cfg, 0.0)
+    assert cpu.train.device == "cpu" and cpu.run_id == cfg.run_id
+    assert on_cpu_unless_given_gpus(cfg, 0.5) is cfg
+    explicit = RunConfig.from_dict({**cfg.to_dict(), "train": {"device": "cuda"}})
+    assert on_cpu_unless_given_gpus(explicit, 0.0).train.device == "cuda"
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="gpus-per-run"):
+            RayExecutor(gpus_per_run=bad)
+
+
+def test_gpus_per_run_needs_ray(tmp_path):
+    res = CliRunner().invoke(main, ["run", "quick", "--store", str(tmp_path / "s.db"), "--gpus-per-run", "1"])
+    assert res.exit_code == 2 and "--gpus-per-run: only with --executor ray" in res.output, res.output
+    assert not (tmp_path / "s.db").exists()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_sampling_leaves_global_rng  # tests/ is on sys.path
 
 import retrieval_bench as rb
 from retrieval_bench.tasks.stream import FILL, IGNORE_INDEX
@@ -216,12 +217,7 @@ def test_same_seed_same_batch_other_seed_other_batch(task):
 
 
 def test_sampling_leaves_the_global_rng_alone(task):
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    task.sample(4, gen(0))
-    task.eval_set(gen(0))
-    assert torch.equal(torch.rand(3), expected)
+    assert_sampling_leaves_global_rng(task)
 
 
 def test_registered_with_the_attributes_the_harness_reads():

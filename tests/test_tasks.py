@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_sampling_leaves_global_rng  # tests/ is on sys.path
 
 import retrieval_bench as rb
 
@@ -69,12 +70,7 @@ def test_same_seed_same_batch_different_seed_different_batch(task):
 
 
 def test_sampling_leaves_the_global_rng_alone(task):
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    task.sample(4, gen(0))
-    task.eval_set(gen(0))
-    torch.testing.assert_close(torch.rand(3), expected)
+    assert_sampling_leaves_global_rng(task)
 
 
 # ------------------------------------------------------------------------------------------------------------

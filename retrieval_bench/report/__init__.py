@@ -3,12 +3,14 @@ normalisation, stability, contrast and speed.
 
 Figure functions are pure (DataFrames in, a ``matplotlib.figure.Figure`` out, never pyplot, so nothing is
 shown or kept alive); ``write_report`` does the I/O. A diverged or failed run is an x at the top of its axis.
-The package imports no torch: a report loads fast on any machine that holds a store.
+The package imports no torch (nor does ``retrieval-bench report``; a test checks ``sys.modules``): a report
+loads fast on any machine that holds a store. Memory names are read with ``retrieval_bench.spec``.
 
 Modules: ``frames`` (the store as DataFrames, and what the others share), ``figures``, ``tables``, ``write``
 (report.md and the files), ``colors`` (a stable colour per memory).
 """
 
+from ..spec import RULE_DEFAULTS
 from .colors import memory_color
 from .figures import (
     DOUBLE,
@@ -20,7 +22,7 @@ from .figures import (
     normalisation_figure,
     stability_figure,
 )
-from .frames import LOG_FLOOR, RULE_DEFAULTS, SCHEMA, NoDataError, load_frames
+from .frames import LOG_FLOOR, SCHEMA, NoDataError, load_frames
 from .tables import accuracy_table, capacity_table, final_loss_table, margin_table, solved_table
 from .write import write_report
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import spec
+
 FAILED = ("diverged", "failed")
 LOG_FLOOR = 1e-8  # a loss of exactly 0 has no place on a log axis: it is drawn at this floor
 SCHEMA = {  # the columns every loaded frame has, whatever the store holds
@@ -22,11 +24,6 @@ SCHEMA = {  # the columns every loaded frame has, whatever the store holds
 NUMERIC = set("num_keys seq_len d_key d_dot seed steps final_loss best_loss final_acc wall_s state_size d_model lr "
               "eval_seq_len step position "
               "value threads ms_step ms_eval peak_mb max_diff".split())
-
-# The key/query normalisation a built-in rule uses when a memory name gives none, as (norm, attn): the rules'
-# default_norm / default_attn (memories/rules.py), copied so that the report needs no torch; a test checks them.
-RULE_DEFAULTS = {"sum": ("none", True), "delta": ("sum", False), "fwm": ("none", False)}
-
 
 class NoDataError(ValueError):
     """A figure has no rows to draw; ``write_report`` skips it and says so in report.md."""
@@ -80,25 +77,18 @@ def memory_order(runs: pd.DataFrame) -> list[str]:
 
 
 def split_spec(memory: object) -> tuple[str, str, str] | None:
-    """(φ, rule, normalisation label) of a ``PHI/RULE[/NORM[+attn]]`` memory name, as ``parse_spec`` reads it.
+    """(φ, rule, normalisation label) of a ``PHI/RULE[/NORM[+attn]]`` memory name, as ``parse_spec`` reads it
+    (the grammar of ``retrieval_bench.spec``).
 
     The label is the normalisation plus "+attn" with the attention normaliser ("sum", "sum+attn", "none+attn"
     for ``.../attn``). Without NORM a built-in rule's default applies. None for a registered memory
     (``softmax``), a malformed name, or a plugin rule without NORM, whose default the report cannot know.
     """
-    parts = memory.split("/") if isinstance(memory, str) else []
-    if len(parts) not in (2, 3) or not all(parts):
+    try:
+        s = spec.read(memory)
+    except spec.SpecError:
         return None
-    if len(parts) == 2:
-        if parts[1] not in RULE_DEFAULTS:
-            return None
-        norm, attn = RULE_DEFAULTS[parts[1]]
-    else:
-        norm, _, extra = parts[2].partition("+")
-        if extra not in ("", "attn"):
-            return None
-        attn, norm = extra == "attn" or norm == "attn", "none" if norm == "attn" else norm
-    return parts[0], parts[1], norm + ("+attn" if attn else "")
+    return s.phi, s.rule, s.norm_label
 
 
 def normalisation_runs(runs: pd.DataFrame) -> pd.DataFrame:
