@@ -336,3 +336,6 @@ def feature_map(name: str, **kwargs) -> FeatureMap:
     """Build a registered feature map by name (``"dpfp-3"``, ``"favor-64"``, ``"linear"``)."""
     cls, params = feature_maps.resolve(name)
     return cls(**{**params, **kwargs})
+
+
+from . import softmax_maps as _softmax_maps  # noqa: E402,F401  (registers taylor, hedgehog)

@@ -8,7 +8,8 @@ tokens (B, T) -> logits (B, T, vocab_size)::
 
 The mixer: an optional short causal depthwise convolution (``conv`` = kernel size, 0 = off), then queries, keys,
 values (n_heads heads of d_model / n_heads) and one sigmoid gate per name the memory declares (a scalar per head
-per step, as the retrieval model makes β), heads folded into the batch, the memory's all-positions causal form
+per step, as the retrieval model makes β, or F per head per step for a gate of width F, ``Memory.gate_dim``), heads
+folded into the batch, the memory's all-positions causal form
 (``Memory.causal``), an output projection. No positional encoding: the memories and the convolution see order.
 
 Build one with ``lm(memory_spec, vocab_size=..., ..., seed=...)``, which initialises from the seed without
@@ -36,9 +37,9 @@ _INIT, _PHI = 0, 3
 class MixerInputs:
     """What one layer's memory reads, heads folded into the batch (row b·H + h is sequence b, head h).
 
-    keys, queries (B·H, T, K); values (B·H, T, V); betas (B·H, T) or None; gates {name: (B·H, T)}, the other
-    gates. ``memory.causal(keys, values, queries, betas, **gates)`` is the layer's read, and the memory's
-    ``trace`` can be called on them for per-step diagnostics.
+    keys, queries (B·H, T, K); values (B·H, T, V); betas (B·H, T) or None; gates {name: (B·H, T), or
+    (B·H, T, F) for a gate of width F}, the other gates. ``memory.causal(keys, values, queries, betas, **gates)``
+    is the layer's read, and the memory's ``trace`` can be called on them for per-step diagnostics.
     """
 
     keys: torch.Tensor
@@ -74,15 +75,30 @@ class Mixer(nn.Module):
         self.conv = CausalConv(d_model, conv) if conv else None
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.gate_names = tuple(mem.gates)
-        self.gate = nn.Linear(d_model, len(self.gate_names) * n_heads) if self.gate_names else None
+        gate_dim = getattr(mem, "gate_dim", None)
+        d_head = d_model // n_heads
+        #: each gate's width per head: 1, or F for a gate of one value per feature (``Memory.gate_dim``)
+        self.gate_widths = {g: gate_dim(g, d_head) if callable(gate_dim) else 1 for g in self.gate_names}
+        # one projection for every gate: gate i's n_heads·width outputs side by side, head-major within the gate
+        total = sum(self.gate_widths.values()) * n_heads
+        self.gate = nn.Linear(d_model, total) if self.gate_names else None
         unknown = sorted(set(mem.gate_bias) - set(self.gate_names))
         if unknown:
             raise ValueError(f"gate_bias names {unknown}, which are not gates of the memory "
                              f"(its gates: {list(self.gate_names)})")
-        for i, name in enumerate(self.gate_names):  # after the default init, so no random draw moves
+        for name, block in self._gate_blocks():  # after the default init, so no random draw moves
             if name in mem.gate_bias:
-                nn.init.constant_(self.gate.bias[i * n_heads: (i + 1) * n_heads], float(mem.gate_bias[name]))
+                nn.init.constant_(self.gate.bias[block], float(mem.gate_bias[name]))
         self.out = nn.Linear(d_model, d_model)
+
+    def _gate_blocks(self) -> list[tuple[str, slice]]:
+        """Each gate's outputs of the gate projection: n_heads·width of them, one after another."""
+        blocks, at = [], 0
+        for name in self.gate_names:
+            n = self.gate_widths[name] * self.n_heads
+            blocks.append((name, slice(at, at + n)))
+            at += n
+        return blocks
 
     def inputs(self, h: torch.Tensor) -> MixerInputs:
         """The memory's inputs for the normalised block input h (B, T, d_model)."""
@@ -97,8 +113,16 @@ class Mixer(nn.Module):
         q, k, v = self.qkv(h).reshape(B, T, 3, H, D // H).unbind(2)  # each (B, T, H, D/H)
         gates = {}
         if self.gate is not None:
-            g = torch.sigmoid(self.gate(h)).reshape(B, T, len(self.gate_names), H)  # (B, T, G, H)
-            gates = {name: fold(g[:, :, i, :, None])[..., 0] for i, name in enumerate(self.gate_names)}
+            g = torch.sigmoid(self.gate(h))  # (B, T, H·Σ width)
+            if all(w == 1 for w in self.gate_widths.values()):
+                # scalar gates: the same blocks read as (B, T, G, H), the autograd path (and so the bias
+                # gradient's summation order, bit for bit) the stored runs were trained with
+                g = g.reshape(B, T, len(self.gate_names), H)
+                gates = {name: fold(g[:, :, i, :, None])[..., 0] for i, name in enumerate(self.gate_names)}
+            else:
+                for name, block in self._gate_blocks():
+                    folded = fold(g[..., block].reshape(B, T, H, -1))  # (B·H, T, width)
+                    gates[name] = folded[..., 0] if self.gate_widths[name] == 1 else folded
         betas = gates.pop("beta", None)
         return MixerInputs(fold(k), fold(v), fold(q), betas, gates, H)
 

@@ -1,7 +1,8 @@
 """The paper's single retrieval layer around any memory (PAPER §2.2), and its loss.
 
 x_t = [onehot(v_t); e(k_t)] ∈ R^{V+E} with a trainable key embedding e of width E = ⌊2.2·S⌋ ~ N(0, 1);
-k_t = W_k x_t ∈ R^K; each gate (β, or any the rule declares) is σ(W_g x_t), one scalar per step; the stored value
+k_t = W_k x_t ∈ R^K; each gate (β, or any the rule declares) is σ(W_g x_t), one scalar per step, or F per step for
+a gate of one value per feature of the state (``Memory.gate_dim``, e.g. RWKV-7's decay); the stored value
 is onehot(v_t) itself (d_v = V, no value projection); the query is q = W_q e(q_key); the read ŷ ∈ R^V.
 
 Since x_t is a one-hot next to an embedding row, W_k x_t is computed as a gather of two tables, W_k's one-hot
@@ -44,7 +45,10 @@ class RetrievalModel(nn.Module):
         self.W_k = nn.Linear(V + E, d_key)
         self.W_q = nn.Linear(E, d_key)
         self.gate_names = tuple(self.memory.gates)
-        self.W_g = nn.ModuleDict({g: nn.Linear(V + E, 1) for g in self.gate_names})
+        gate_dim = getattr(self.memory, "gate_dim", None)
+        #: each gate's width: 1 (a scalar per step, (B, L)) or F (one value per feature, (B, L, F))
+        self.gate_widths = {g: gate_dim(g, d_key) if callable(gate_dim) else 1 for g in self.gate_names}
+        self.W_g = nn.ModuleDict({g: nn.Linear(V + E, self.gate_widths[g]) for g in self.gate_names})
         unknown = sorted(set(self.memory.gate_bias) - set(self.gate_names))
         if unknown:
             raise ValueError(f"gate_bias names {unknown}, which are not gates of the memory "
@@ -74,11 +78,15 @@ class RetrievalModel(nn.Module):
 
     def inputs(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor):
         """The memory's inputs for (B, L) ids and (B, Q) query ids: k (B, L, K), v (B, L, V), betas (B, L)
-        or None, q (B, Q, K), and the rule's other gates {name: (B, L)}."""
-        proj = self._project([self.W_k, *(self.W_g[g] for g in self.gate_names)], keys, values)  # (B, L, K+G)
+        or None, q (B, Q, K), and the rule's other gates {name: (B, L), or (B, L, F) for a width-F gate}."""
+        proj = self._project([self.W_k, *(self.W_g[g] for g in self.gate_names)], keys, values)  # (B, L, K+ΣG)
         K = self.d_key
         k = proj[..., :K]
-        gates = {g: torch.sigmoid(proj[..., K + i]) for i, g in enumerate(self.gate_names)}
+        gates, at = {}, K
+        for g in self.gate_names:
+            w = self.gate_widths[g]
+            gates[g] = torch.sigmoid(proj[..., at] if w == 1 else proj[..., at: at + w])  # (B, L) or (B, L, F)
+            at += w
         # onehot(values) written straight as floats (F.one_hot would first build it in int64), by a fill at
         # flat offsets (a scatter along the last dimension took longer than zeroing the whole tensor).
         V = self.num_values

@@ -3,7 +3,7 @@ project runs the very checks a plugin's tests run, and each check is shown to ca
 
 The cases come from the registries when the tests are collected: every registered memory, every update rule
 (under several feature maps and every normalisation), every feature map (under every rule). An installed
-plugin (``pip install ./examples/gated-delta``) is covered without writing a test; one that fails to import
+plugin (``pip install ./examples/longhorn``) is covered without writing a test; one that fails to import
 fails only its own cases, naming its distribution.
 """
 

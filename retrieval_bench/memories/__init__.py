@@ -5,26 +5,28 @@ The contract (DESIGN §3)::
     keys (B, L, K)   values (B, L, V)   betas (B, L)   queries (B, Q, K)   ->   retrieved (B, Q, V)
 
 A memory is named by a spec string: ``softmax`` (or any name in the ``memories`` registry), or a composed
-fast-weight memory ``PHI/RULE[/NORM]``. NORM is a key/query normalisation (``none``, ``sum``, ``l2``, or a
-plugin's), optionally followed by ``+attn`` for the attention normaliser z_t; ``attn`` alone means ``none+attn``.
-Without NORM each rule keeps the paper's meaning: ``sum`` is attention-normalised without sum normalisation,
-``delta`` is sum-normalised without the attention normaliser, ``fwm`` uses neither.
+fast-weight memory ``PHI/RULE[/NORM[+attn]]``, whose grammar (and each built-in rule's default normalisation)
+lives in ``retrieval_bench.spec``; ``parse_spec`` checks the parts against the registries.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
 from torch import nn
 
+from .. import spec as _spec
 from ..feature_maps import FeatureMap, feature_map
 from ..registry import RegistryError, feature_maps, memories, update_rules
 from ..registry import normalisations as norm_registry
+from ..spec import MemorySpec
 from . import causal as _causal
+from . import decay as _decay  # noqa: F401  (registers the decay rule)
+from . import gated_delta as _gated_delta  # noqa: F401  (registers gated-delta)
+from . import generalised as _generalised  # noqa: F401  (importing registers the rule)
 from .normalisations import EPS  # noqa: F401  (importing registers the built-in normalisations)
 from .reference import reference_loop
 from .rules import UpdateRule
@@ -45,6 +47,11 @@ class Memory(nn.Module):
         """Feature dimension F of the state, or None where the memory has no fixed-size state."""
         return None
 
+    def gate_dim(self, name: str, d_key: int) -> int:
+        """Width of the gate ``name`` for keys of width ``d_key``: 1 for a scalar per step, passed as (B, L); a
+        wider gate (one value per feature of the state) is passed as (B, L, width) and projected as wide."""
+        return 1
+
     def state_size(self, d_key: int, d_value: int, seq_len: int) -> int:
         """Floats of state the memory carries after ``seq_len`` writes."""
         raise NotImplementedError
@@ -62,9 +69,10 @@ class Memory(nn.Module):
 
         keys, queries (B, T, K), values (B, T, V), betas and gates (B, T) -> (B, T, V). This default reads
         every prefix with ``forward`` (T calls: slow, with a ``SlowCausalFormWarning`` once per class); a
-        memory overrides it with a fast form equal to ``causal_reference``.
+        memory overrides it with a fast form equal to ``causal_reference``. A gate of width F (``gate_dim``)
+        is (B, T, F).
         """
-        _causal.check_inputs(keys, values, queries, betas, gates)
+        _causal.check_inputs(keys, values, queries, betas, gates, _causal.gate_widths(self, keys, gates))
         cls = type(self)
         _causal.warn_once(f"memory:{cls.__module__}.{cls.__qualname__}",
                           f"memory {cls.__name__} has no all-positions causal form (a method causal); reading "
@@ -78,19 +86,6 @@ class Memory(nn.Module):
         return _causal.prefix_reads(read if callable(read) else self.forward, keys, values, queries, betas, gates)
 
 
-@dataclass(frozen=True)
-class MemorySpec:
-    phi: str
-    rule: str
-    norm: str
-    attn: bool
-
-    @property
-    def name(self) -> str:
-        norm = "attn" if (self.norm == "none" and self.attn) else self.norm + ("+attn" if self.attn else "")
-        return f"{self.phi}/{self.rule}/{norm}"
-
-
 def parse_spec(spec: str) -> MemorySpec:
     """Parse ``PHI/RULE[/NORM[+attn]]`` and check every part against its registry.
 
@@ -98,23 +93,27 @@ def parse_spec(spec: str) -> MemorySpec:
     non-negative unless it says otherwise, which its contract test checks) with a rule whose default divides by
     a sum of features (sum normalisation: delta; the attention normaliser: sum) is refused unless the spec names
     the normalisation: a sum of signed features can be near 0, and the read then blows up (outputs of 1e27 and
-    more on random keys for identity/delta and tanh/delta, 1e4-1e5 for identity/sum and tanh/sum).
+    more on random keys for identity/delta and tanh/delta, 1e4-1e5 for identity/sum and tanh/sum). A signed map
+    that says ``positive_kernel = True`` (taylor: φ(k)·φ(q) ≥ ½) keeps the attention normaliser by default.
     """
-    parts = spec.split("/")
-    if len(parts) == 1:
+    if "/" not in spec:
         memories.resolve(spec)  # raises with close matches among the registered memories
-    if len(parts) not in (2, 3) or not all(parts):
+    try:
+        phi, rule_name, part = _spec.split(spec)
+    except _spec.SpecError:
         raise RegistryError(
             f"memory {spec!r} is neither a registered memory ({', '.join(memories.names())}) "
-            "nor of the form PHI/RULE[/NORM[+attn]]"
-        )
-    phi, rule_name = parts[0], parts[1]
+            f"nor of the form {_spec.FORM}"
+        ) from None
     feature_maps.resolve(phi)
     rule_cls = update_rules.get(rule_name)
-    if len(parts) == 2:
+    if part is None:
         norm, attn = rule_cls.default_norm, rule_cls.default_attn
         phi_cls = feature_maps.resolve(phi)[0]
-        if (norm == "sum" or attn) and not getattr(phi_cls, "non_negative", True):
+        signed = not getattr(phi_cls, "non_negative", True)
+        # a signed map whose kernel φ(k)·φ(q) is bounded away from 0 (taylor: ≥ ½) is safe under the attention
+        # normaliser, not under sum normalisation
+        if signed and (norm == "sum" or (attn and not getattr(phi_cls, "positive_kernel", False))):
             what = ("sum normalisation divides φ by Σφ" if norm == "sum"
                     else "attention normaliser divides by Σ_t φ(k_t)·φ(q)")
             raise RegistryError(
@@ -122,11 +121,10 @@ def parse_spec(spec: str) -> MemorySpec:
                 f"near 0 for signed features; name the normalisation, e.g. {phi}/{rule_name}/l2 (or "
                 f"{MemorySpec(phi, rule_name, norm, attn).name} to keep the default)")
     else:
-        norm, _, extra = parts[2].partition("+")
-        if extra not in ("", "attn"):
-            raise RegistryError(f"memory {spec!r}: only '+attn' may follow the normalisation, got '+{extra}'")
-        attn = extra == "attn" or norm == "attn"
-        norm = "none" if norm == "attn" else norm
+        try:
+            norm, attn = _spec.parse_norm(spec, part)
+        except _spec.SpecError as e:
+            raise RegistryError(str(e)) from None
         norm_registry.resolve(norm)
     if attn and not rule_cls.supports_attn:
         raise RegistryError(f"memory {spec!r}: rule {rule_name!r} has no attention-normalised form")
@@ -164,6 +162,13 @@ class FastWeightMemory(Memory):
 
     def d_dot(self, d_key: int) -> int:
         return self.phi.dim(d_key)
+
+    def gate_dim(self, name: str, d_key: int) -> int:
+        """F = φ's dimension for a gate the rule declares of width "F" (``UpdateRule.gate_widths``), else 1."""
+        width = self.rule.gate_widths.get(name)
+        if width not in (None, "F"):
+            raise ValueError(f"rule {self.rule.name!r}: gate {name!r} has width {width!r}; only 'F' is known")
+        return 1 if width is None else self.phi.dim(d_key)
 
     def state_size(self, d_key: int, d_value: int, seq_len: int) -> int:
         like = torch.zeros(1)
@@ -209,7 +214,7 @@ class FastWeightMemory(Memory):
         rule's all-positions form (``causal.rule_causal``)."""
         if not _own(type(self), "causal"):  # a subclass that changes forward alone: read its prefixes
             return super().causal(keys, values, queries, betas, **gates)
-        _causal.check_inputs(keys, values, queries, betas, gates)
+        _causal.check_inputs(keys, values, queries, betas, gates, _causal.gate_widths(self, keys, gates))
         k, q = self.features(keys, queries)
         return _causal.rule_causal(self.rule, k, values, q, self._gates(keys, betas, gates), self.attn,
                                    self.causal_chunk)
@@ -302,15 +307,19 @@ def memory_options(spec: str, **options) -> dict:
 def memory(spec: str, d_key: int = 64, **kwargs) -> Memory:
     """Build a memory from its spec string, e.g. ``"dpfp-3/delta"``, ``"linear/sum"``, ``"softmax"``.
 
-    ``d_key`` is checked against the feature map (DPFP-ν needs ν < d_key). Extra kwargs go to the feature map
-    (``redraw=`` for FAVOR+) or to a registered memory's constructor.
+    ``d_key`` is checked against the feature map (DPFP-ν needs ν < d_key), and given to a map whose constructor
+    takes it (a learned map sized by K, hedgehog), so its parameters exist before any optimizer is made. Extra
+    kwargs go to the feature map (``redraw=`` for FAVOR+) or to a registered memory's constructor.
     """
     if spec in memories.names():
         mem = memories.get(spec)(**kwargs)
         mem.spec_name = spec
         return mem
     s = parse_spec(spec)
-    phi = feature_map(s.phi, **kwargs)
+    import inspect
+
+    sized = {"d_key": d_key} if "d_key" in inspect.signature(feature_maps.get(s.phi)).parameters else {}
+    phi = feature_map(s.phi, **sized, **kwargs)
     phi.dim(d_key)  # raises on impossible sizes
     mem = FastWeightMemory(phi, update_rules.get(s.rule)(), s.norm, s.attn, spec=s)
     mem.spec_name = spec

@@ -2,9 +2,10 @@
 
     keys (B, T, K)   values (B, T, V)   queries (B, T, K)   betas (B, T)   gates {name: (B, T)}   ->   (B, T, V)
 
-Position t is read after its own write (the paper's order, PAPER §4 pitfall 12). Heads are folded into the
-batch by the caller. The spec is the reference loop's own step and read functions with a read after every step
-(``causal_loop``): y_t = read(W_t, q_t). The fast forms compute the same numbers:
+A gate of one value per feature of the state (``Memory.gate_dim``) is (B, T, F). Position t is read after its
+own write (the paper's order, PAPER §4 pitfall 12). Heads are folded into the batch by the caller. The spec is the
+reference loop's own step and read functions with a read after every step (``causal_loop``): y_t = read(W_t, q_t).
+The fast forms compute the same numbers:
 
 * softmax: ``scaled_dot_product_attention(is_causal=True)`` with the memory's 1/√K scaling;
 * the sum rule: chunked causal linear attention (``sum_causal``): within a chunk a masked (C×C) score matrix,
@@ -13,12 +14,14 @@ batch by the caller. The spec is the reference loop's own step and read function
   batched after the loop and a matmul-only triangular inverse), the attention-normalised rule as the generalised
   delta rule of read key φ_t / c_t (PAPER §1.5), as the rule's training form does;
 * FWM: its recurrence, a loop whose backward recomputes segments from checkpoints (O(√T) states alive);
+* RWKV-7's generalised delta rule: its own chunked form (``generalised.gd_causal``, via its ``causal`` method);
 * an update rule of a plugin: its own ``causal(k, v, q, gates, attn)`` method where it has one, else the loop,
   with a ``SlowCausalFormWarning`` (once per rule).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -53,9 +56,18 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, SlowCausalFormWarning, stacklevel=3)
 
 
-def check_inputs(keys, values, queries, betas=None, gates=None) -> None:
+def gate_widths(mem, keys, gates) -> dict[str, int]:
+    """Each gate's width for ``keys`` (B, T, K), from the memory's ``gate_dim`` (1 where it has none)."""
+    dim = getattr(mem, "gate_dim", None)
+    if not callable(dim) or not isinstance(keys, torch.Tensor) or keys.dim() != 3:
+        return {}
+    return {name: dim(name, keys.shape[-1]) for name in gates}
+
+
+def check_inputs(keys, values, queries, betas=None, gates=None, widths=None) -> None:
     """Raise one ValueError naming the field whose shape breaks keys (B, T, K), values (B, T, V),
-    queries (B, T, K), betas and every gate (B, T)."""
+    queries (B, T, K), betas (B, T) and every gate: (B, T), or (B, T, width) where ``widths`` {name: width}
+    gives a width above 1 (a gate of one value per feature, ``Memory.gate_dim``)."""
     if not isinstance(keys, torch.Tensor) or keys.dim() != 3:
         raise ValueError(f"causal: keys must be a (B, T, K) tensor, got {_shape(keys)}")
     B, T, K = keys.shape
@@ -63,7 +75,8 @@ def check_inputs(keys, values, queries, betas=None, gates=None) -> None:
     if betas is not None:
         expect["betas"] = (betas, (B, T))
     for name, g in (gates or {}).items():
-        expect[f"gate {name!r}"] = (g, (B, T))
+        width = (widths or {}).get(name, 1)
+        expect[f"gate {name!r}"] = (g, (B, T) if width == 1 else (B, T, width))
     for field, (x, want) in expect.items():
         ok = isinstance(x, torch.Tensor) and x.dim() == len(want) and all(
             w is None or s == w for s, w in zip(x.shape, want, strict=True))
@@ -297,7 +310,8 @@ def _run_steps(rule: UpdateRule, attn: bool, t0: int, state: dict, k, v, q, gate
 
 def causal_loop(rule: UpdateRule, k, v, q, gates: dict, attn: bool, checkpointed: bool = False) -> torch.Tensor:
     """The spec: every step of ``rule`` (its ``step``, as ``reference.reference_loop`` runs it), each followed by
-    its ``read`` with that position's query. k, q (B, T, F); v (B, T, V); gates {name: (B, T)} -> (B, T, V).
+    its ``read`` with that position's query. k, q (B, T, F); v (B, T, V); gates {name: (B, T), or (B, T, F)
+    for a width-F gate} -> (B, T, V).
 
     ``checkpointed``: run segments of ⌈√T⌉ steps under activation checkpointing, so that the backward keeps
     O(√T) states alive instead of T (each segment's steps are run again in the backward).
@@ -350,10 +364,11 @@ def built_in_form(rule: UpdateRule) -> Callable | None:
 def rule_causal(rule: UpdateRule, k, v, q, gates: dict, attn: bool, chunk: int | None = None) -> torch.Tensor:
     """The rule's all-positions form on features: a built-in's fast form, a plugin rule's own
     ``causal(k, v, q, gates, attn)``, or else the checkpointed loop with a warning (once per rule).
-    k, q (B, T, F); v (B, T, V); gates {name: (B, T)} -> (B, T, V)."""
+    k, q (B, T, F); v (B, T, V); gates {name: (B, T) or (B, T, F)} -> (B, T, V)."""
     own = getattr(rule, "causal", None)
-    if callable(own):
-        return own(k, v, q, gates, attn)
+    if callable(own):  # a rule's own form; one that takes ``chunk`` gets the memory's (the contract tests vary it)
+        takes_chunk = chunk is not None and "chunk" in inspect.signature(own).parameters
+        return own(k, v, q, gates, attn, chunk=chunk) if takes_chunk else own(k, v, q, gates, attn)
     form = built_in_form(rule)
     if form is not None:
         return form(rule, k, v, q, gates, attn, chunk)

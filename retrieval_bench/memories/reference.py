@@ -12,7 +12,8 @@ from .rules import UpdateRule
 
 
 def reference_loop(rule: UpdateRule, k, v, q, gates, attn: bool, record: bool = False):
-    """Run ``rule`` step by step. k (B, L, F), v (B, L, V), q (B, Q, F), gates {name: (B, L)}.
+    """Run ``rule`` step by step. k (B, L, F), v (B, L, V), q (B, Q, F), gates {name: (B, L), or (B, L, F)
+    for a gate of width F (``UpdateRule.gate_widths``); step t gets g[:, t], (B,) or (B, F)}.
 
     Returns ``(y, records)``: y (B, Q, V) and, when ``record``, a dict of per-step tensors stacked over L:
     v_bar, v_new (B, L, V), state_norm (B, L) = ‖W_t‖_F, and with the attention normaliser normaliser

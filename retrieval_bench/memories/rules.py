@@ -3,7 +3,7 @@
 Orientation follows the paper: the fast weight W ∈ R^{V×F}, written with outer products v ⊗ φ(k) and read as
 W φ(q). Inputs to every method are features already mapped by φ and normalised:
 
-    k (B, L, F)   v (B, L, V)   q (B, Q, F)   gates {name: (B, L)}   ->   y (B, Q, V)
+    k (B, L, F)   v (B, L, V)   q (B, Q, F)   gates {name: (B, L), or (B, L, F) if of width F}   ->   y (B, Q, V)
 
 The query is read once, after the last write (PAPER §2.2), so a training form never needs the per-step states.
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import update_rules
+from ..spec import RULE_DEFAULTS
 from .checkpointed import fwm_state
 from .chunked import delta_chunkwise, delta_query_read, score_read, sum_read
 from .normalisations import EPS
@@ -28,8 +29,12 @@ class UpdateRule:
     """Base class of update rules.
 
     Class attributes:
-        gates: per-step scalar inputs in (0, 1) that the model must provide, e.g. ``("beta",)``. The model
+        gates: per-step inputs in (0, 1) that the model must provide, e.g. ``("beta",)``. The model
             makes one sigmoid gate per name, so a rule needing a decay declares ``("beta", "alpha")``.
+        gate_widths: the gates that are vectors, one value per feature of the state: ``{"w": "F"}`` makes w
+            a (B, L, F) input (F = φ's dimension) from an F-wide projection. Gates not named are scalars per
+            step, (B, L). "F" is the only width; a rule given a (B, L) tensor for a width-F gate (F = 1) must
+            broadcast it over the features.
         gate_bias: initial bias of some gates' projections, ``{"alpha": 3.0}``: the gate starts near σ(3) =
             0.95 instead of σ(0) = ½ (a decay that should start slow). Gates not named keep PyTorch's init.
         default_norm: the key/query normalisation used when a memory name gives none.
@@ -42,6 +47,7 @@ class UpdateRule:
     name = ""
     loop_states = 1
     gates: tuple[str, ...] = ("beta",)
+    gate_widths: Mapping[str, str] = MappingProxyType({})
     gate_bias: Mapping[str, float] = MappingProxyType({})
     default_norm = "none"
     default_attn = False
@@ -56,8 +62,9 @@ class UpdateRule:
 
     def step(self, state: State, k: torch.Tensor, v: torch.Tensor, g: dict[str, torch.Tensor], t: int,
              attn: bool) -> tuple[State, dict[str, torch.Tensor]]:
-        """One write. k (B, F), v (B, V), g {name: (B,)}. Returns the new state and a record holding
-        ``v_bar`` (B, V), what the memory retrieved at k just before the write, and ``v_new`` (B, V)."""
+        """One write. k (B, F), v (B, V), g {name: (B,), or (B, F) for a width-F gate}. Returns the new state and
+        a record holding ``v_bar`` (B, V), what the memory retrieved at k just before the write, and ``v_new``
+        (B, V)."""
         raise NotImplementedError
 
     def read(self, state: State, q: torch.Tensor, attn: bool) -> torch.Tensor:
@@ -91,7 +98,7 @@ class SumRule(UpdateRule):
 
     name = "sum"
     gates = ()
-    default_attn = True
+    default_norm, default_attn = RULE_DEFAULTS["sum"]
 
     def step(self, state, k, v, g, t, attn):
         v_bar = _mv(state["W"], k)
@@ -132,7 +139,7 @@ class DeltaRule(UpdateRule):
     """
 
     name = "delta"
-    default_norm = "sum"
+    default_norm, default_attn = RULE_DEFAULTS["delta"]
 
     def step(self, state, k, v, g, t, attn):
         beta = g["beta"][:, None]
@@ -197,6 +204,7 @@ class FWMRule(UpdateRule):
     loop_states = 2
 
     name = "fwm"
+    default_norm, default_attn = RULE_DEFAULTS["fwm"]
     supports_attn = False
 
     def step(self, state, k, v, g, t, attn):

@@ -10,7 +10,7 @@ import matplotlib as mpl
 import pandas as pd
 from matplotlib.figure import Figure
 
-from . import lm
+from . import contrast, lm
 from .figures import (
     bench_figure,
     capacity_figure,
@@ -33,11 +33,19 @@ SECTIONS = {  # stem: (heading, caption); lines are medians over seeds, bands mi
                       "the attention normaliser), one panel per feature map and rule."),
     "stability": ("Stability", "State norm and normaliser along the sequence (last evaluation), and their "
                   "largest values over training."),
-    "contrast": ("Retrieved-vs-written contrast", "cos(v̄_t, v_t), v̄_t read at k_t just before writing v_t, "
-                 "and interference, along the sequence (last evaluation)."),
+    "contrast_summary": ("Retrieved-vs-written contrast", "cos(v̄_t, v_t) between v̄_t, read at k_t just before "
+                         "writing v_t, and v_t, at first writes of a key and at rewrites; cos(v̄_t, v_prev) with the "
+                         "value k_t held before a rewrite; the interference ‖v̄_t‖ at first writes. A stored value is "
+                         "the mean over the traced evaluation sequences at one write position: dots and lines are "
+                         "the median over every position t > 0 and finished seed (diverged runs left out), bars and "
+                         "bands the interquartile range. Left: each memory at the {sym} of the table below; then "
+                         "against {axis}, and over training where runs store several evaluations."),
+    "contrast": ("Retrieved-vs-written contrast along the sequence", "cos(v̄_t, v_t), v̄_t read at k_t just "
+                 "before writing v_t, and interference, along the sequence (last evaluation)."),
     "bench": ("Speed", "Milliseconds per training step: fast form (solid), reference loop (dashed)."),
 }
-OPTIONAL = {"normalisation"}  # figures that apply to some experiments only: elsewhere no section, not a skip
+# figures that apply to some experiments only: elsewhere no section, not a skip
+OPTIONAL = {"normalisation", "contrast_summary"}
 
 
 def _markdown(df: pd.DataFrame) -> list[str]:
@@ -94,8 +102,12 @@ def _report_md(name: str, runs: pd.DataFrame, table: pd.DataFrame, threshold: fl
                "The mean over queries of ŷ[target] − max_{j≠target} ŷ[j], in the units of the read: 1 is a clean "
                "one-hot read. It weighs by how much each read wins or loses, where the accuracy counts only "
                "whether the target wins, so the two can rank memories differently.", "", *per_s(margins)]
-    for stem in ("stability", "contrast", "bench"):
+    for stem in ("stability", "contrast_summary", "contrast", "bench"):
         md += section(stem)
+        if stem == "contrast_summary" and figures[stem] is not None:
+            md += ["", "Median [interquartile range] over positions and finished seeds at the last evaluation; "
+                   "seeds: those finished with diagnostics, of those run.", "",
+                   *_markdown(contrast.contrast_table(runs, diagnostics))]
     return "\n".join(md) + "\n"
 
 
@@ -113,6 +125,7 @@ def _write_experiment(name: str, frames: dict[str, pd.DataFrame], out: Path, thr
         "learning_curves": lambda: learning_curves_figure(runs, curves, threshold=threshold),
         "normalisation": lambda: normalisation_figure(runs, threshold),
         "stability": lambda: stability_figure(runs, diags),
+        "contrast_summary": lambda: contrast.contrast_summary_figure(runs, diags),
         "contrast": lambda: contrast_figure(runs, diags),
         "bench": lambda: bench_figure(bench),
     }

@@ -4,6 +4,8 @@ The contract (DESIGN §3, docs/plugins.md)::
 
     keys (B, L, K)  values (B, L, V)  betas (B, L)  queries (B, Q, K)  **gates {name: (B, L)}  ->  (B, Q, V)
 
+(a gate of width F, ``Memory.gate_dim``, is (B, L, F); the checks make their inputs at that width).
+
 Usage, in any test runner::
 
     from retrieval_bench.testing import check_feature_map, check_memory, check_update_rule

@@ -112,16 +112,24 @@ def call(mem: nn.Module, fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def gate_shape(mem: nn.Module, name: str, B: int, L: int, K: int) -> tuple[int, ...]:
+    """(B, L) for a scalar gate, (B, L, width) for a wider one (``Memory.gate_dim``; 1 where it has none)."""
+    dim = getattr(mem, "gate_dim", None)
+    width = dim(name, K) if callable(dim) else 1
+    return (B, L) if width == 1 else (B, L, width)
+
+
 def make_inputs(mem: Memory, shape: Shape, dtype: torch.dtype, g: torch.Generator, requires_grad: bool = True):
     """Random inputs as the model makes them: betas (or None without a beta gate) and the other gates in
     (0, 1), as leaf tensors. Returns (args, gates, named leaves): args = (keys (B, L, K), values (B, L, V),
-    betas (B, L) or None, queries (B, Q, K)), gates {name: (B, L)}."""
+    betas (B, L) or None, queries (B, Q, K)), gates {name: (B, L), or (B, L, F) for a width-F gate}."""
     B, L, Q, K, V = shape
     keys = torch.randn(B, L, K, generator=g, dtype=dtype)
     values = torch.randn(B, L, V, generator=g, dtype=dtype)
     queries = torch.randn(B, Q, K, generator=g, dtype=dtype)
     gate_names = tuple(getattr(mem, "gates", ()))
-    gates = {name: torch.sigmoid(torch.randn(B, L, generator=g, dtype=dtype)) for name in gate_names}
+    gates = {name: torch.sigmoid(torch.randn(gate_shape(mem, name, B, L, K), generator=g, dtype=dtype))
+             for name in gate_names}
     betas = gates.pop("beta", None)
     leaves = {"keys": keys, "values": values, "queries": queries}
     if betas is not None:

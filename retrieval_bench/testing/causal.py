@@ -28,6 +28,7 @@ from torch import nn
 
 from ..memories import Memory, memory
 from ..memories.causal import SlowCausalFormWarning
+from ._base import gate_shape
 from ._base import reseed as _reseed
 
 CausalShape = tuple[int, int, int, int]  # (B, T, K, V)
@@ -66,12 +67,14 @@ class _Fail:
 
 def _inputs(mem: nn.Module, shape: CausalShape, dtype: torch.dtype, g: torch.Generator):
     """Random leaves as a model makes them: keys, values, queries, betas (where the memory has a beta gate)
-    and its other gates in (0, 1). Returns (keys, values, queries, betas, gates, named leaves)."""
+    and its other gates in (0, 1), (B, T) or (B, T, F) for a width-F gate. Returns (keys, values, queries,
+    betas, gates, named leaves)."""
     B, T, K, V = shape
     keys = torch.randn(B, T, K, generator=g, dtype=dtype)
     values = torch.randn(B, T, V, generator=g, dtype=dtype)
     queries = torch.randn(B, T, K, generator=g, dtype=dtype)
-    gates = {n: torch.sigmoid(torch.randn(B, T, generator=g, dtype=dtype)) for n in getattr(mem, "gates", ())}
+    gates = {n: torch.sigmoid(torch.randn(gate_shape(mem, n, B, T, K), generator=g, dtype=dtype))
+             for n in getattr(mem, "gates", ())}
     betas = gates.pop("beta", None)
     leaves = {"keys": keys, "values": values, "queries": queries,
               **({"betas": betas} if betas is not None else {}), **{f"gate {n!r}": t for n, t in gates.items()}}

@@ -3,6 +3,7 @@ memories that ``check_memory`` checks."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -90,31 +91,38 @@ def check_feature_map(name: str, d_key: int = 4, *, rules: Iterable[str] | None 
 
     * ``dim``: ``dim(K)`` is a positive int and the output is (..., dim(K)), finite;
     * ``non_negative``: features are >= 0 where the map says ``non_negative``, and some are < 0 on N(0, 4)
-      inputs where it says it is signed;
+      inputs where it says it is signed; ``positive_kernel``: φ(x)·φ(y) > 0 for every pair where it says so;
     * ``rows``: each row's features depend on that row alone, and two calls after one ``begin_call`` agree;
     * ``gradients``: the gradient is finite and passes ``torch.autograd.gradcheck`` in float64 (maps may
-      carry hand-written backwards);
+      carry hand-written backwards), and every parameter of a learned map gets a finite, non-zero gradient;
 
     then ``check_memory`` on the map composed with every registered update rule (or ``rules``), each with its
     default normalisation where the registry accepts it, else with l2 (``composition``). By default a rule
     plugin that fails to load is left out: it fails its own checks, not every feature map's.
     """
     label = f"feature map {name!r}"
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)
+        for K in (d_key, d_key + 3):
+            _check_map_alone(_build_map(name, label, K), label, K)
+    shapes = list(shapes) if shapes is not None else short_shapes(d_key)
+    for rule in rules if rules is not None else _loadable(update_rules):
+        check_memory(composition(name, rule), d_key=d_key, shapes=shapes, atol=atol, rtol=rtol)
+
+
+def _build_map(name: str, label: str, K: int) -> FeatureMap:
+    """The map for keys of width K: a map whose constructor takes ``d_key`` (learned, sized by K) is given it, as
+    ``retrieval_bench.memory`` does."""
     try:
-        feature_maps.resolve(name)
-        fm = feature_map(name)
+        factory = feature_maps.resolve(name)[0]
+        sized = {"d_key": K} if "d_key" in inspect.signature(factory).parameters else {}
+        fm = feature_map(name, **sized)
     except Exception as e:
         raise AssertionError(f"{label}: build: {type(e).__name__}: {e}") from e
     if not isinstance(fm, FeatureMap):
         raise AssertionError(f"{label}: class: expected a retrieval_bench.FeatureMap, "
                              f"got {type(fm).__name__}")
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(0)
-        for K in (d_key, d_key + 3):
-            _check_map_alone(fm, label, K)
-    shapes = list(shapes) if shapes is not None else short_shapes(d_key)
-    for rule in rules if rules is not None else _loadable(update_rules):
-        check_memory(composition(name, rule), d_key=d_key, shapes=shapes, atol=atol, rtol=rtol)
+    return fm
 
 
 def _check_map_alone(fm: FeatureMap, label: str, K: int) -> None:
@@ -134,9 +142,21 @@ def _check_map_alone(fm: FeatureMap, label: str, K: int) -> None:
     if not fm.non_negative and not (phi < 0).any():
         raise AssertionError(f"{label}: non_negative: the map says it is signed (non_negative = False) but gave "
                              f"no negative feature on N(0, 4) inputs")
-    (grad,) = torch.autograd.grad(phi.sum(), x)
+    if getattr(fm, "positive_kernel", False):  # a signed map that the attention normaliser accepts (taylor)
+        with torch.no_grad():
+            scores = phi.flatten(0, 1) @ phi.flatten(0, 1).T  # every pair of the 15 rows
+        if not (scores > 0).all():
+            raise AssertionError(f"{label}: positive_kernel: the map says φ(x)·φ(y) > 0 but gave "
+                                 f"{scores.min().item()}")
+    params = {n: p for n, p in fm.named_parameters() if p.requires_grad}  # a learned map's (hedgehog's W, b)
+    # a random cotangent: the gradient of φ.sum() is 0 for a map whose features have a fixed sum (softmax)
+    grad, *grads = torch.autograd.grad(phi, [x, *params.values()], torch.randn_like(phi), allow_unused=True)
     if not torch.isfinite(grad).all():
         raise AssertionError(f"{label}: gradients: non-finite d/d x")
+    for n, gp in zip(params, grads, strict=True):
+        if gp is None or not torch.isfinite(gp).all() or not bool(gp.abs().sum() > 0):
+            raise AssertionError(f"{label}: gradients: the map's parameter {n!r} gets "
+                                 f"{'no' if gp is None else 'a zero or non-finite'} gradient")
     with torch.no_grad():
         rows, again = fm(x[1:2]), fm(x)
     try:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..feature_maps import FeatureMap
 from ..memories import FastWeightMemory, Memory
 from ._base import (
     EVAL_SEQUENCE,
@@ -43,7 +44,8 @@ def check_memory(spec_or_memory: str | Memory, d_key: int = 4, *, shapes: Sequen
 
     and once:
 
-    * ``gradients``: keys, values, queries, betas and every declared gate get a non-zero gradient in some case;
+    * ``gradients``: keys, values, queries, betas, every declared gate and every parameter of a feature map get a
+      non-zero gradient in some case;
     * ``gates``: leaving out a declared gate other than β (which defaults to 1) raises a ValueError naming it;
     * ``evaluation`` (with a ``reference``): without autograd and with more queries than values, over
       ``EVAL_SEQUENCE`` = 70 writes (where the delta rule builds W chunk by chunk), forward equals the reference
@@ -194,15 +196,15 @@ def _check_trace(ck: Checker, mem: Memory, args, gates, y: torch.Tensor, shape: 
     # causal: new writes from step t on leave every per-step entry before t as it was
     t = L // 2
 
-    def rewritten(x: torch.Tensor | None) -> torch.Tensor | None:
+    def rewritten(x: torch.Tensor | None, gate: bool = False) -> torch.Tensor | None:
         if x is None:
             return None
-        fresh = torch.rand(x[:, t:].shape, generator=g, dtype=x.dtype) if x.dim() == 2 else \
+        fresh = torch.rand(x[:, t:].shape, generator=g, dtype=x.dtype) if gate else \
             torch.randn(x[:, t:].shape, generator=g, dtype=x.dtype)  # gates in (0, 1), vectors unbounded
         return torch.cat([x[:, :t], fresh], 1)
 
-    rec2 = call(mem, trace_fn, rewritten(keys), rewritten(values), rewritten(betas), queries,
-                **{n: rewritten(x) for n, x in gates.items()})
+    rec2 = call(mem, trace_fn, rewritten(keys), rewritten(values), rewritten(betas, True), queries,
+                **{n: rewritten(x, True) for n, x in gates.items()})
     for name, r in rec.items():
         if isinstance(r, torch.Tensor) and r.dim() >= 2 and tuple(r.shape[:2]) == (B, L):
             ck.close(check, rec2[name][:, :t], r[:, :t],
@@ -215,6 +217,10 @@ def _check_reached(ck: Checker, mem: Memory) -> None:
     gates = tuple(getattr(mem, "gates", ()))
     expected = list(REQUIRED_GRADS) + (["betas"] if "beta" in gates else [])
     expected += [f"gate {name!r}" for name in gates if name != "beta"]
+    # a learned feature map's parameters (hedgehog's W, b) enter every read through φ(q)
+    learned = {f"{prefix}.{n}" if prefix else n for prefix, m in mem.named_modules() if isinstance(m, FeatureMap)
+               for n, p in m.named_parameters() if p.requires_grad}
+    expected += [f"parameter {n!r}" for n in sorted(learned)]
     missing = [what for what in expected if what not in ck.reached]
     if missing:
         raise ck.fail("gradients", f"the gradient on {', '.join(missing)} is zero in every case: the input does "
