@@ -264,13 +264,14 @@ def _validate(exp: Experiment, max_runs: int = DEFAULT_MAX_RUNS) -> None:
     for i, (_, changes) in enumerate(exp.overrides):
         for sec, vals in changes.items():
             check_fields(f"override[{i}].{sec}", sec, vals)
-    task_name = exp.task.get("name", "capacity")
-    if isinstance(task_name, list):
-        raise ConfigError("task.name: one task per experiment file")
-    if not isinstance(task_name, str):
-        raise ConfigError(f"task.name: expected a task name (a string), got {type(task_name).__name__} "
-                          f"{task_name!r}")
-    allowed_task = _task_params(task_name) | {"name"}
+    task_names = _as_list(exp.task.get("name", "capacity"))  # a list is an axis: every knob must suit each task
+    if not task_names:
+        raise ConfigError("task.name: an empty list names no task")
+    for task_name in task_names:
+        if not isinstance(task_name, str):
+            raise ConfigError(f"task.name: expected a task name (a string), got {type(task_name).__name__} "
+                              f"{task_name!r}")
+    allowed_task = set.intersection(*(_task_params(n) for n in task_names)) | {"name"}
     for key in exp.task:
         for inner in (exp.task[key][0] if key == POINTS else {key: None}):
             if inner not in allowed_task:

@@ -102,3 +102,17 @@ def test_malformed_and_missing_files(tmp_path):
 def test_shipped_experiments_load(name):
     exp = load(name)
     assert exp.name == name and exp.expand()
+
+
+def test_a_list_of_tasks_is_an_axis_and_every_knob_must_suit_each():
+    exp = from_dict({"name": "two", "task": {"name": ["capacity", "overwrite"], "num_keys": [4, 8]},
+                     "model": {"memory": "softmax", "d_key": 8}})
+    runs = exp.expand()
+    assert sorted((r.task.name, dict(r.task.params)["num_keys"]) for r in runs) == [
+        ("capacity", 4), ("capacity", 8), ("overwrite", 4), ("overwrite", 8)]
+    assert len({r.run_id for r in runs}) == 4
+    with pytest.raises(ConfigError, match="task.length_factor"):  # overwrite's knob, which capacity lacks
+        from_dict({"name": "two", "task": {"name": ["capacity", "overwrite"], "length_factor": 2},
+                   "model": {"memory": "softmax", "d_key": 8}})
+    with pytest.raises(ConfigError, match="task.name"):
+        from_dict({"name": "two", "task": {"name": ["capacity", "capacty"]}, "model": {"memory": "softmax"}})
