@@ -87,11 +87,14 @@ _POSITIVE = click.IntRange(min=1)
 @click.option("--lm", "lm_lengths", multiple=True, type=_POSITIVE, metavar="T",
               help="Time the token-stream language model instead (B 64, d_model 128, 2 layers, MQAR) at length "
                    "T; repeat for several. Reference loops beside the fast forms up to T = 256.")
+@click.option("--reference-max-gib", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Skip a reference loop whose estimated autograd memory exceeds this (it is then compared on "
+                   "fewer sequences).")
 @click.option("--device", default="cpu", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the steps run; on a GPU the times wait for the kernels and peak MB is allocated device "
                    "memory (torch.cuda.max_memory_allocated).")
 def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
-                  chunkwise, lm_lengths, device):
+                  chunkwise, lm_lengths, reference_max_gib, device):
     """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
     if lm_lengths:
         from .bench_lm import DEFAULT_LM_MEMORIES
@@ -124,6 +127,7 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
         from . import bench
 
         rows = bench.run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat, device=where,
+                               reference_max_bytes=int(reference_max_gib * 2**30),
                          batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
         click.echo(format_table(rows))
     worst = max_difference(rows)
