@@ -122,6 +122,7 @@ def test_the_lm_report_takes_the_best_learning_rate_and_draws_its_figures(tmp_pa
         accs = runs[runs["memory"] == b["memory"]].set_index("lr")["final_acc"]
         assert b["acc"] == accs.max() and accs[b["lr"]] == accs.max()
     paths = write_report(tmp_path / "s.db", tmp_path / "plots")
+    assert {p.parent.name for p in paths} == {"tiny_lm"}  # both learning rates in one report, not apart
     names = {p.name for p in paths}
     assert {"state_size.png", "pairs.png", "extrapolation.png", "layers.png", "accuracy_table.csv",
             "report.md"} <= names
@@ -129,6 +130,26 @@ def test_the_lm_report_takes_the_best_learning_rate_and_draws_its_figures(tmp_pa
     assert "Accuracy against state size" in md and "Learning rate per point" in md
     table = pd.read_csv(tmp_path / "plots" / "tiny_lm" / "accuracy_table.csv")
     assert set(table["memory"]) == {"softmax", "linear/sum"}
+
+
+def test_an_lm_report_pools_its_learning_rates_and_widths():
+    """The language model's report takes each point's best learning rate and plots by width: runs that differ in
+    them share one report. The retrieval report has neither axis, and reports such runs apart."""
+    import json
+
+    from retrieval_bench.report.settings import setting_groups
+
+    rows = []
+    for lr in (1e-3, 3e-3):
+        for width in (32, 64):
+            ident = json.dumps({"experiment": "x", "seed": 1, "task": {"name": "mqar", "num_kv_pairs": 8},
+                                "model": {"kind": "lm", "memory": "softmax", "d_model": width},
+                                "train": {"lr": lr}})
+            rows.append({"memory": "softmax", "task": "mqar", "num_keys": 8, "seq_len": 64, "d_key": None,
+                         "family": "lm", "identity": ident, "config": ident, "finished_at": f"{lr}{width}"})
+    runs = pd.DataFrame(rows)
+    assert [label for label, _ in setting_groups(runs)] == [""]
+    assert len(setting_groups(runs.assign(family="retrieval"))) == 4
 
 
 def test_a_paired_axis_sets_its_settings_together():

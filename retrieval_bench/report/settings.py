@@ -1,5 +1,6 @@
 """Which runs of an experiment may share a report: those whose settings differ only in the report's axes
-(memory, task, S, L, d_key) and the seed. And where an experiment's report goes: a folder named after it that
+(memory, task, S, L, d_key; for the language model also pairs, width and learning rate, whose best the report
+takes per point) and the seed. And where an experiment's report goes: a folder named after it that
 never leaves the output folder, whatever the name holds.
 
 A store may hold runs of one experiment made with other settings (``run tiny --set train.max_steps=100`` after
@@ -18,6 +19,8 @@ import pandas as pd
 
 CELL = ["memory", "task", "num_keys", "seq_len", "d_key"]  # what the figures and tables index by
 _AXIS_KEYS = {"experiment", "seed", "task.name", "task.num_keys", "task.seq_len", "model.memory", "model.d_key"}
+# the language model's report also plots by width and pairs, and takes each point's best learning rate
+_LM_AXIS_KEYS = {"task.num_kv_pairs", "model.d_model", "train.lr"}
 _SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+-]{0,199}")  # a group folder adds "--key=value"
 
 
@@ -44,9 +47,11 @@ def differing_settings(runs: pd.DataFrame) -> list[str]:
     key = runs["identity"] if "identity" in runs else pd.Series(None, index=runs.index)
     flat = key.where(key.notna(), runs["config"]).map(_flat)
     differ: set[str] = set()
-    for _, idx in runs.groupby([runs[c].astype(str) for c in CELL]).groups.items():
+    family = runs["family"] if "family" in runs else pd.Series(None, index=runs.index)
+    for _, idx in runs.groupby([runs[c].astype(str) for c in CELL], dropna=False).groups.items():
         cell = [flat[i] for i in idx]
-        keys = set().union(*cell) - _AXIS_KEYS
+        axes = _AXIS_KEYS | (_LM_AXIS_KEYS if (family[idx] == "lm").all() else set())
+        keys = set().union(*cell) - axes
         differ |= {k for k in keys if len({c.get(k) for c in cell}) > 1}
     return sorted(differ)
 
