@@ -17,7 +17,6 @@ from retrieval_bench.memories.gated_delta import (
     gated_delta_query_read,
 )
 from retrieval_bench.memories.reference import reference_loop
-from retrieval_bench.testing import check_causal, check_memory, check_update_rule
 
 F64 = torch.float64
 
@@ -69,18 +68,6 @@ def test_a_missing_decay_gate_is_named():
     mem = rb.memory("linear/gated-delta", d_key=4)
     with pytest.raises(ValueError, match="alpha"):
         mem(torch.randn(1, 3, 4), torch.randn(1, 3, 2), torch.rand(1, 3), torch.randn(1, 1, 4))
-
-
-# ---- the contract ------------------------------------------------------------------------------------------
-
-def test_contract_of_the_rule():
-    check_update_rule("gated-delta")
-
-
-@pytest.mark.parametrize("spec", ["dpfp-1/gated-delta", "linear/gated-delta/sum", "favor-4/gated-delta"])
-def test_contract_of_composed_memories(spec):
-    check_memory(spec, d_key=4)
-    check_causal(spec, d_key=4)
 
 
 # ---- the step function is the paper's equation --------------------------------------------------------------

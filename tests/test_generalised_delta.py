@@ -28,7 +28,6 @@ from retrieval_bench.memories.generalised import (
 from retrieval_bench.memories.reference import reference_loop
 from retrieval_bench.model import RetrievalModel, retrieval_loss
 from retrieval_bench.tasks import EvalSet
-from retrieval_bench.testing import check_causal, check_memory, check_update_rule, composition, short_shapes
 
 RULE = "generalised-delta"
 TOL = 1e-10
@@ -169,19 +168,6 @@ def test_check_inputs_wants_width_f_gates_at_width_f():
         mem.causal(keys, keys, keys, w=ok["w"], a=torch.rand(2, 5))
     with pytest.raises(ValueError, match=r"gate 'beta' must be \(2, 5\)"):
         causal.check_inputs(keys, keys, keys, None, {"beta": torch.rand(2, 5, 4)})
-
-
-def test_the_update_rule_contract():
-    """The contract helpers' own check of a rule: linear, dpfp-1, favor-4, identity/l2, tanh/l2, every
-    normalisation; each memory against its reference loop, its trace, inside the model."""
-    check_update_rule(RULE, d_key=4)
-
-
-@pytest.mark.parametrize("phi", rb.names("feature_maps"))
-def test_the_memory_and_causal_contracts_under_every_feature_map(phi):
-    spec = composition(phi, RULE)
-    check_memory(spec, d_key=4, shapes=short_shapes(4))
-    check_causal(spec, d_key=4)
 
 
 def _batch(S, B, L, g):

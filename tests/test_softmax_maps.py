@@ -187,20 +187,6 @@ def test_list_shows_both_maps():
     assert "taylor" in res.output and "hedgehog" in res.output
 
 
-# ---- the contract ------------------------------------------------------------------------------------------
-# tests/test_contract.py runs check_feature_map("taylor") and check_feature_map("hedgehog") under every rule;
-# here the parametrised name alone and the compositions named in the docs, each memory through every check.
-
-def test_taylor_2_map_contract():
-    check_feature_map("taylor-2", d_key=D_KEY, rules=())
-
-
-@pytest.mark.parametrize("spec", ["taylor-2/sum", "taylor-2/delta/l2", "taylor-2/fwm/l2", "hedgehog/sum",
-                                  "hedgehog/delta", "hedgehog/fwm/l2"])
-def test_memory_contract(spec):
-    check_memory(spec, d_key=D_KEY)
-
-
 class _Unused(rb.FeatureMap):
     """elu + 1 with a parameter that never enters the features."""
 
