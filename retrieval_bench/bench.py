@@ -166,79 +166,98 @@ def _make_model(spec: str, S: int, d_key: int, seed: int, num_values: int) -> Re
 
 def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_reference, reference_max_bytes,
                warmup, seed, device):
+    """The rows of one memory at one size: its forms built, compared, timed and measured."""
     tk = make_task(task_name, num_keys=S)
     L, V = tk.seq_len, tk.num_values
     g = torch.Generator().manual_seed(seed)  # drawn on the host, as a run's batches are, then moved
     batches = [to_device(tk.sample(batch_size, g), device) for _ in range(warmup + repeat + 1)]
     ev = to_device(tk.eval_set(g), device)
-    base = _make_model(spec, S, d_key, seed, V).to(device)
-    forms = {"fast": base}
+    forms = _Forms(_make_model(spec, S, d_key, seed, V).to(device), ev)
     status = {"fast": "ok"}
     diff, diff_len = (None, None), None
     if include_reference:
-        mem = base.memory
-        need = reference_bytes(mem, batch_size, L, 1, d_key, V)
-        if not hasattr(mem, "reference"):
-            status["reference"] = "skipped: the memory has no reference form"
-        elif need > reference_max_bytes:
-            status["reference"] = (f"skipped: the reference would need ~{need / 2**30:.1f} GiB "
-                                   f"(cap {reference_max_bytes / 2**30:.1f} GiB)")
-        else:
-            status["reference"] = "ok"
-            forms["reference"] = copy.deepcopy(base)
+        mem = forms.models["fast"].memory
+        status["reference"] = _reference_status(mem, reference_bytes(mem, batch_size, L, 1, d_key, V),
+                                                reference_max_bytes)
+        if status["reference"] == "ok":
+            forms.add_reference()
+            steps = _reference_eval_steps(mem, ev.queries.shape[0], L, ev.queries.shape[1])
+            if steps > REFERENCE_MAX_EVAL_STEPS:
+                forms.eval_ok["reference"] = False
+                status["reference"] = f"ok (eval skipped: ~{steps:,} python steps)"
         if hasattr(mem, "reference"):
             diff, diff_len = _difference(spec, S, tk, to_device(batches[0], torch.device("cpu")), d_key, seed,
                                          reference_max_bytes)
-    opts = {name: torch.optim.Adam(m.parameters(), lr=1e-3) for name, m in forms.items()}
-    eval_ok = {name: True for name in forms}
-    steps = _reference_eval_steps(base.memory, ev.queries.shape[0], L, ev.queries.shape[1])
-    if "reference" in forms and steps > REFERENCE_MAX_EVAL_STEPS:
-        eval_ok["reference"] = False
-        status["reference"] = f"ok (eval skipped: ~{steps:,} python steps)"
+    step_t, eval_t = forms.time(batches, warmup, repeat, device)
+    peak = {name: peak_memory_increase_mb(lambda name=name: forms.train_step(name, batches[-1]), device)
+            for name in forms.models}
+    return [{"memory": spec, "task": task_name, "num_keys": S, "seq_len": L, "form": name, "threads": threads,
+             "batch_size": batch_size, "d_key": d_key, "ms_step": _median_ms(step_t.get(name, [])),
+             "ms_eval": _median_ms(eval_t.get(name, [])), "peak_mb": peak.get(name), "max_diff": diff[0],
+             "max_rel_diff": diff[1], "diff_seq_len": diff_len, "status": status[name]}
+            for name in ("fast", "reference") if name in status]
 
-    def train_step(name, batch):
-        model, opt = forms[name], opts[name]
-        ctx = reference_form(model.memory) if name == "reference" else contextlib.nullcontext()
+
+def _reference_status(mem: Memory, need: int, cap: int) -> str:
+    """"ok" where the reference loop is timed, else why it is skipped."""
+    if not hasattr(mem, "reference"):
+        return "skipped: the memory has no reference form"
+    if need > cap:
+        return f"skipped: the reference would need ~{need / 2**30:.1f} GiB (cap {cap / 2**30:.1f} GiB)"
+    return "ok"
+
+
+class _Forms:
+    """The forms of one memory from the same weights (the fast one, and a copy that reads through the reference
+    loop), each with its Adam: a training step and an evaluation of each, and their timing side by side."""
+
+    def __init__(self, fast: RetrievalModel, ev):
+        self.models = {"fast": fast}
+        self.ev = ev
+        self.eval_ok = {"fast": True}
+        self.opts = {"fast": torch.optim.Adam(fast.parameters(), lr=1e-3)}
+
+    def add_reference(self) -> None:
+        self.models["reference"] = copy.deepcopy(self.models["fast"])
+        self.opts["reference"] = torch.optim.Adam(self.models["reference"].parameters(), lr=1e-3)
+        self.eval_ok["reference"] = True
+
+    def _form(self, name: str):
+        model = self.models[name]
+        return model, (reference_form(model.memory) if name == "reference" else contextlib.nullcontext())
+
+    def train_step(self, name: str, batch) -> None:
+        model, ctx = self._form(name)
         with ctx:
             y = model(batch.keys, batch.values, batch.query[:, None])[:, 0]
             loss = retrieval_loss(y, batch.target)
-            opt.zero_grad(set_to_none=True)
+            self.opts[name].zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.opts[name].step()
 
-    def evaluate(name):
-        model = forms[name]
-        ctx = reference_form(model.memory) if name == "reference" else contextlib.nullcontext()
+    def evaluate(self, name: str) -> None:
+        model, ctx = self._form(name)
+        ev = self.ev
         with ctx, torch.no_grad():
-            y = model(ev.keys, ev.values, ev.queries)
-            retrieval_loss(y, ev.targets, ev.mask)
+            retrieval_loss(model(ev.keys, ev.values, ev.queries), ev.targets, ev.mask)
 
-    step_t = {name: [] for name in forms}
-    eval_t = {name: [] for name in forms}
-    for i in range(warmup + repeat):
-        for name in forms:  # alternate forms within each repeat, so that drifts in machine load hit both
-            with timed(device) as step:
-                train_step(name, batches[i])
-            if eval_ok[name]:
-                with timed(device) as evaluation:
-                    evaluate(name)
-            if i >= warmup:
-                step_t[name].append(step.seconds)
-                if eval_ok[name]:
-                    eval_t[name].append(evaluation.seconds)
-    peak = {name: peak_memory_increase_mb(lambda name=name: train_step(name, batches[-1]), device)
-            for name in forms}
-    rows = []
-    for name in ("fast", "reference"):
-        if name not in status:
-            continue
-        rows.append({
-            "memory": spec, "task": task_name, "num_keys": S, "seq_len": L, "form": name, "threads": threads,
-            "batch_size": batch_size, "d_key": d_key, "ms_step": _median_ms(step_t.get(name, [])),
-            "ms_eval": _median_ms(eval_t.get(name, [])), "peak_mb": peak.get(name),
-            "max_diff": diff[0], "max_rel_diff": diff[1], "diff_seq_len": diff_len, "status": status[name],
-        })
-    return rows
+    def time(self, batches, warmup: int, repeat: int, device) -> tuple[dict, dict]:
+        """Seconds of each timed training step and evaluation per form, after ``warmup`` untimed repeats; the
+        forms alternate within each repeat, so that drifts in machine load hit both."""
+        step_t = {name: [] for name in self.models}
+        eval_t = {name: [] for name in self.models}
+        for i in range(warmup + repeat):
+            for name in self.models:
+                with timed(device) as step:
+                    self.train_step(name, batches[i])
+                if self.eval_ok[name]:
+                    with timed(device) as evaluation:
+                        self.evaluate(name)
+                if i >= warmup:
+                    step_t[name].append(step.seconds)
+                    if self.eval_ok[name]:
+                        eval_t[name].append(evaluation.seconds)
+        return step_t, eval_t
 
 
 def _difference(spec, S, tk, batch, d_key, seed, max_bytes):
