@@ -16,6 +16,7 @@ the store, ``retrieval_bench.spec``) start without importing torch.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -53,6 +54,8 @@ sys.modules[__name__].__class__ = _Package
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
+        if not name.startswith("_") and name not in _SHADOWED and importlib.util.find_spec(f".{name}", __name__):
+            return importlib.import_module(f".{name}", __name__)  # a submodule: rb.memories, rb.registry, ...
         raise AttributeError(f"module 'retrieval_bench' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value

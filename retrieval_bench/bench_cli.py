@@ -109,6 +109,11 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
         where = resolve_device(device, "--device")
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--device'") from None
+    if lm_lengths and reference_max_gib != 2.0:
+        raise click.BadParameter("applies to the retrieval model only; with --lm the reference loop runs up to "
+                                 "T = 256", param_hint="'--reference-max-gib'")
+    if chunkwise and where.type != "cpu":
+        raise click.BadParameter("the chunkwise throughput is measured on the CPU only", param_hint="'--chunkwise'")
     store = None
     if store_path is not None:  # opened first: a store that cannot be written fails before the timing
         from .store import Store

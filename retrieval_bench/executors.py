@@ -182,8 +182,10 @@ class LocalExecutor(Executor):
             while runs.unfinished():
                 lost = runs.submit()
                 if lost is None:  # every submission went in: wait a moment for results
-                    results, lost = runs.collect()
-                    yield from results
+                    results, lost, error = runs.collect()
+                    yield from results  # the runs that finished are stored before anything is raised
+                    if error is not None:
+                        raise error
                     if not lost:
                         continue
                 failed = runs.restart(lost)
@@ -238,18 +240,21 @@ class _PoolRuns:
                 self.on_start({"run_id": as_run(cfg).run_id})
         return None
 
-    def collect(self) -> tuple[list[dict[str, Any]], list]:
-        """Wait up to 0.5 s for runs to end: (their results, the runs lost with a broken pool)."""
+    def collect(self) -> tuple[list[dict[str, Any]], list, BaseException | None]:
+        """Wait up to 0.5 s for runs to end: (their results, the runs lost with a broken pool, the first other
+        error a run raised, which the caller raises once the results before it are stored)."""
         done, _ = wait(list(self.pending), timeout=0.5, return_when=FIRST_COMPLETED)
         _drain(self.pq, self.on_progress)
-        results, lost = [], []
+        results, lost, error = [], [], None
         for fut in done:
             cfg = self.pending.pop(fut)
             try:
                 results.append(fut.result())
             except BrokenProcessPool:
                 lost.append(cfg)
-        return results, lost
+            except BaseException as e:  # noqa: BLE001  (kept, raised after the others are yielded)
+                error = error or e
+        return results, lost, error
 
     def restart(self, lost: list) -> dict[str, Any] | None:
         """A dead worker poisons the whole pool, and every run still in flight is lost with it: start a fresh

@@ -114,7 +114,7 @@ def on_cpu_unless_given_gpus(cfg: Any, gpus: float) -> Any:
     import dataclasses
 
     run = as_run(cfg)
-    if gpus > 0 or run.train.device != "auto":
+    if gpus > 0 or str(run.train.device).strip().lower() != "auto":
         return cfg
     return dataclasses.replace(run, train=dataclasses.replace(run.train, device="cpu"))
 

@@ -29,17 +29,23 @@ def did_you_mean(name: str, choices, n: int = 3, cutoff: float = 0.6, quote: boo
 # The modules whose import registers the built-ins. ``import retrieval_bench`` imports none of them (they need
 # torch); the first lookup in any registry does, so a name is never missing for want of an import.
 BUILTIN_MODULES = ("retrieval_bench.feature_maps", "retrieval_bench.memories", "retrieval_bench.tasks")
-_builtins_loaded = False
+_builtins = "unloaded"  # "loading" while their imports run (a lookup from inside them is then a no-op), "loaded"
 
 
 def load_builtins() -> None:
-    """Import the modules that register the built-in names (once; a no-op while they are being imported)."""
-    global _builtins_loaded
-    if _builtins_loaded:
+    """Import the modules that register the built-in names, once. A failed import leaves them unloaded, so that
+    the next lookup fails the same way instead of finding partial registries."""
+    global _builtins
+    if _builtins != "unloaded":
         return
-    _builtins_loaded = True
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    _builtins = "loading"
+    try:
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+    except BaseException:
+        _builtins = "unloaded"
+        raise
+    _builtins = "loaded"
 
 
 class RegistryError(ValueError):
@@ -163,7 +169,9 @@ class Registry:
 
     @contextmanager
     def scoped(self) -> Iterator[Registry]:
-        """Let a test register names that vanish afterwards."""
+        """Let a test register names that vanish afterwards (the built-ins are loaded first, so that a lookup
+        inside the scope cannot load them into the state the scope throws away)."""
+        load_builtins()
         saved = (dict(self._entries), {k: list(v) for k, v in self._conflicts.items()}, self._plugins_loaded)
         try:
             yield self

@@ -25,3 +25,10 @@ def test_bench_lm_prints_and_stores_its_rows(tmp_path):
     assert "softmax" in out.output and "reference" in out.output
     rows = Store(store).load("bench")
     assert set(rows["form"]) == {"fast", "reference"} and set(rows["task"]) == {"mqar"}
+
+
+def test_bench_lm_refuses_the_retrieval_models_reference_cap():
+    from click.testing import CliRunner
+
+    res = CliRunner().invoke(bench_command, ["--lm", "16", "--reference-max-gib", "4"])
+    assert res.exit_code == 2 and "--reference-max-gib" in res.output, res.output

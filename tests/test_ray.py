@@ -253,3 +253,13 @@ def test_gpus_per_run_needs_ray(tmp_path):
     res = CliRunner().invoke(main, ["run", "quick", "--store", str(tmp_path / "s.db"), "--gpus-per-run", "1"])
     assert res.exit_code == 2 and "--gpus-per-run: only with --executor ray" in res.output, res.output
     assert not (tmp_path / "s.db").exists()
+
+
+def test_auto_is_read_as_the_device_setting_reads_it():
+    pytest.importorskip("ray")
+    from retrieval_bench.config import RunConfig
+    from retrieval_bench.ray_executor import on_cpu_unless_given_gpus
+
+    cfg = RunConfig.from_dict({"experiment": "x", "seed": 1, "task": {"name": "capacity", "num_keys": 4},
+                               "model": {"memory": "softmax", "d_key": 4}, "train": {"device": " AUTO "}})
+    assert on_cpu_unless_given_gpus(cfg, 0.0).train.device == "cpu"

@@ -283,3 +283,35 @@ def test_plugin_shadowing_a_builtin_is_a_conflict():
         with pytest.raises(RegistryError, match="evil-dist"):
             rb.feature_map("dpfp-2")
     assert rb.feature_map("dpfp-2").n == 2  # restored
+
+
+def test_a_scope_opened_first_keeps_the_built_ins_and_submodules_are_attributes():
+    """In a fresh interpreter (built-ins not yet loaded): a scope opened before any lookup must not throw the
+    built-ins away when it closes; rb.<submodule> works without importing it first; a failed load of the
+    built-ins fails again on the next lookup instead of leaving empty registries."""
+    import subprocess
+    import sys
+
+    code = """
+import retrieval_bench as rb
+from retrieval_bench.registry import tasks
+with tasks.scoped():
+    assert "capacity" in tasks.names()
+assert "capacity" in rb.names("tasks") and "delta" in rb.names("update_rules")
+assert rb.feature_maps.DPFP and rb.registry.REGISTRIES and callable(rb.lm)
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    broken = """
+import sys
+sys.modules["torch"] = None  # torch cannot be imported
+import retrieval_bench as rb
+for _ in range(2):
+    try:
+        rb.names("tasks")
+    except ImportError:
+        print("failed")
+"""
+    res = subprocess.run([sys.executable, "-c", broken], capture_output=True, text=True, timeout=300)
+    assert res.stdout.split() == ["failed", "failed"], (res.stdout, res.stderr[-2000:])
