@@ -574,3 +574,13 @@ def test_write_report_renders_normalisation_figure(tmp_path, monkeypatch):
                                        "capacity_table.csv", "report.md"}
     assert (out / "normalisation" / "normalisation.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "normalisation" / "normalisation.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_a_d_key_set_per_memory_is_no_panel_axis():
+    """Memories given their own d_key (matched state sizes) share a panel; a d_key swept for one memory splits."""
+    from retrieval_bench.report.figures import _facets
+
+    per_memory = pd.DataFrame({"task": "capacity", "memory": ["a", "a", "b"], "d_key": [32, 32, 16]})
+    assert [t for t, _ in _facets(per_memory)] == ["task = capacity"]
+    swept = pd.DataFrame({"task": "capacity", "memory": ["a", "a", "b"], "d_key": [32, 16, 16]})
+    assert [t for t, _ in _facets(swept)] == ["d_key = 16", "d_key = 32"]

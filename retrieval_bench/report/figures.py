@@ -74,8 +74,12 @@ def _sweep_ticks(ax: Axes, values: pd.Series) -> None:
 
 
 def _facets(df: pd.DataFrame, keys: Iterable[str] = ("task", "d_key")) -> list[tuple[str, pd.DataFrame]]:
-    """One panel per task (and d_key etc. when they vary): lines of different tasks never share an axis."""
+    """One panel per task (and d_key etc. when they vary): lines of different tasks never share an axis. A d_key
+    that each memory has one of (set per memory, to match their state sizes, as in ``modern``) is no axis: those
+    memories share their panels."""
     keys = [k for k in keys if k in df.columns and df[k].nunique() > 1]
+    if "d_key" in keys and "memory" in df.columns and (df.groupby("memory")["d_key"].nunique() <= 1).all():
+        keys.remove("d_key")
     if not keys:  # one panel, still titled with its task
         tasks = df["task"].dropna().unique() if "task" in df.columns else []
         return [(f"task = {tasks[0]}" if len(tasks) else "", df)]
