@@ -73,6 +73,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` of a CLI started to be interrupted: SIGINT as a terminal leaves it. A shell without job
+    control starts background commands (`pytest ... &`) with SIGINT ignored, the child would inherit that, and
+    Ctrl-C would do nothing."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def assert_sampling_leaves_global_rng(task) -> None:
     """A task draws from the generators it is given only: sampling and eval sets leave torch's global RNG as
     they found it."""

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint  # tests/ is on sys.path
 
 from retrieval_bench.executors import InlineExecutor, LocalExecutor
 from retrieval_bench.store import Store
@@ -163,14 +164,8 @@ def _pool_sweep(toml: Path, stderr) -> tuple[subprocess.Popen, Path]:
            "--no-report"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                            start_new_session=True, preexec_fn=_default_sigint)
+                            start_new_session=True, preexec_fn=default_sigint)
     return proc, db
-
-
-def _default_sigint() -> None:
-    """In the child before exec: SIGINT as a terminal leaves it. A shell without job control starts background
-    commands (`pytest ... &`) with SIGINT ignored, the driver would inherit that, and Ctrl-C would do nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _start_pool_sweep(toml: Path, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, Path]:

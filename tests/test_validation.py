@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import default_sigint  # tests/ is on sys.path
 from rich.console import Console
 from torch import nn
 
@@ -503,7 +504,8 @@ def ray_cli(tmp_path):
     def start(*args):
         cmd = [sys.executable, "-m", "retrieval_bench", "run", str(write_exp(tmp_path)), "--executor", "ray",
                "--store", str(tmp_path / "r.db"), "--no-report", *args]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                      preexec_fn=default_sigint))
         return procs[-1], ray_tmp
 
     yield start
