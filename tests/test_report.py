@@ -584,3 +584,13 @@ def test_a_d_key_set_per_memory_is_no_panel_axis():
     assert [t for t, _ in _facets(per_memory)] == ["task = capacity"]
     swept = pd.DataFrame({"task": "capacity", "memory": ["a", "a", "b"], "d_key": [32, 16, 16]})
     assert [t for t, _ in _facets(swept)] == ["d_key = 16", "d_key = 32"]
+
+
+def test_two_tasks_at_one_s_keep_s_as_the_axis():
+    """capacity (L = S) and overwrite (L = 2S) at one S differ in L by design: S stays the axis."""
+    from retrieval_bench.report.frames import sweep_axis
+
+    two = pd.DataFrame({"task": ["capacity", "overwrite"], "num_keys": [16, 16], "seq_len": [16, 32]})
+    assert sweep_axis(two)[0] == "num_keys"
+    long = pd.DataFrame({"task": ["overwrite", "overwrite"], "num_keys": [20, 20], "seq_len": [40, 80]})
+    assert sweep_axis(long)[0] == "seq_len"

@@ -65,7 +65,9 @@ def load_frames(store_path: str | Path) -> dict[str, pd.DataFrame]:
 
 def sweep_axis(df: pd.DataFrame) -> tuple[str, str, str]:
     """The swept column, its axis label and symbol: S, or L when S is fixed and the run length varies."""
-    if df["num_keys"].nunique() <= 1 and df["seq_len"].nunique() > 1:
+    # L is the axis where it varies within a task while S does not (two tasks at one S differ in L by design)
+    lengths = df.groupby("task")["seq_len"].nunique().max() if "task" in df.columns else df["seq_len"].nunique()
+    if df["num_keys"].nunique() <= 1 and lengths > 1:
         return "seq_len", "number of writes $L$", "L"
     return "num_keys", "number of keys $S$", "S"
 
