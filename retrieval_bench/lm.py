@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .memories import Memory, memory
+from .memories.causal import gate_width
 
 IGNORE_INDEX = -100  # targets at positions that are not queries (PyTorch's cross-entropy default)
 
@@ -75,10 +76,8 @@ class Mixer(nn.Module):
         self.conv = CausalConv(d_model, conv) if conv else None
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.gate_names = tuple(mem.gates)
-        gate_dim = getattr(mem, "gate_dim", None)
-        d_head = d_model // n_heads
         #: each gate's width per head: 1, or F for a gate of one value per feature (``Memory.gate_dim``)
-        self.gate_widths = {g: gate_dim(g, d_head) if callable(gate_dim) else 1 for g in self.gate_names}
+        self.gate_widths = {g: gate_width(mem, g, d_model // n_heads) for g in self.gate_names}
         # one projection for every gate: gate i's n_heads·width outputs side by side, head-major within the gate
         total = sum(self.gate_widths.values()) * n_heads
         self.gate = nn.Linear(d_model, total) if self.gate_names else None

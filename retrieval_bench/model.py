@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .memories import Memory, memory
+from .memories.causal import gate_width
 from .memories.chunked import mark_one_hot
 
 
@@ -45,9 +46,8 @@ class RetrievalModel(nn.Module):
         self.W_k = nn.Linear(V + E, d_key)
         self.W_q = nn.Linear(E, d_key)
         self.gate_names = tuple(self.memory.gates)
-        gate_dim = getattr(self.memory, "gate_dim", None)
         #: each gate's width: 1 (a scalar per step, (B, L)) or F (one value per feature, (B, L, F))
-        self.gate_widths = {g: gate_dim(g, d_key) if callable(gate_dim) else 1 for g in self.gate_names}
+        self.gate_widths = {g: gate_width(self.memory, g, d_key) for g in self.gate_names}
         self.W_g = nn.ModuleDict({g: nn.Linear(V + E, self.gate_widths[g]) for g in self.gate_names})
         unknown = sorted(set(self.memory.gate_bias) - set(self.gate_names))
         if unknown:

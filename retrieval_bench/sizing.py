@@ -116,8 +116,9 @@ def estimate(num_keys: int, num_values: int, seq_len: int, eval_seq_len: int, ev
     d_dot = memory.d_dot(K) if hasattr(memory, "d_dot") else None
     F = d_dot if isinstance(d_dot, int) and d_dot > 0 else K
     # the gates' total width: 1 per scalar gate, F per gate of one value per feature (``Memory.gate_dim``)
-    gate_dim = getattr(memory, "gate_dim", None)
-    G = sum(gate_dim(g, K) if callable(gate_dim) else 1 for g in getattr(memory, "gates", ()) or ())
+    from .memories.causal import gate_width
+
+    G = sum(gate_width(memory, g, K) for g in getattr(memory, "gates", ()) or ())
     Q = max(1, min(S, Le, max_eval_queries))
 
     def fwm_states(batch: int, length: int) -> int:

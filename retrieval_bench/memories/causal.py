@@ -56,12 +56,18 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, SlowCausalFormWarning, stacklevel=3)
 
 
-def gate_widths(mem, keys, gates) -> dict[str, int]:
-    """Each gate's width for ``keys`` (B, T, K), from the memory's ``gate_dim`` (1 where it has none)."""
+def gate_width(mem, name: str, d_key: int) -> int:
+    """The width of ``mem``'s gate ``name`` for keys of width ``d_key``: its ``gate_dim`` (``Memory.gate_dim``),
+    or 1 for a module without one: what the models project and the contract helpers draw."""
     dim = getattr(mem, "gate_dim", None)
-    if not callable(dim) or not isinstance(keys, torch.Tensor) or keys.dim() != 3:
+    return dim(name, d_key) if callable(dim) else 1
+
+
+def gate_widths(mem, keys, gates) -> dict[str, int]:
+    """Each gate's width for ``keys`` (B, T, K) (``gate_width``); {} where keys are not (B, T, K)."""
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 3:
         return {}
-    return {name: dim(name, keys.shape[-1]) for name in gates}
+    return {name: gate_width(mem, name, keys.shape[-1]) for name in gates}
 
 
 def check_inputs(keys, values, queries, betas=None, gates=None, widths=None) -> None:

@@ -37,6 +37,7 @@ from .chunked import (
     one_hot_ids,
     unit_triangular_inverse,
 )
+from .decay import log_gate
 from .rules import UpdateRule, _mv, _outer
 
 #: initial bias of the decay gate's projection: α starts near σ(5) = 0.993, a time constant of ~150 steps.
@@ -84,12 +85,6 @@ class GatedDeltaRule(UpdateRule):
         return gated_delta_causal(k, v, q, gates["beta"], gates["alpha"], chunk)
 
 
-def _log_decays(alpha: torch.Tensor) -> torch.Tensor:
-    """log α (B, L); α is clamped at the smallest normal number, so that α = 0 (a sigmoid that underflowed)
-    gives a finite log and the differences of cumulative sums stay finite."""
-    return alpha.clamp_min(torch.finfo(alpha.dtype).tiny).log()
-
-
 def _pair_decays(lg: torch.Tensor, lower: bool, diagonal: int) -> torch.Tensor:
     """exp(lg_i - lg_j) on the lower triangle (j ≤ i, from ``diagonal`` = 0 or -1) or exp(lg_j - lg_i) on the
     upper (j ≥ i), 0 elsewhere: the product of the decays between two steps of a chunk. lg (..., C) ->
@@ -128,7 +123,7 @@ def gated_delta_query_read(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor,
     C = chunk_length(L, chunk)
     n = math.ceil(L / C)
     # zero padding at the end: φ = 0, β = 0 and log α = 0 (α = 1) is an identity write
-    K, be, lg = _chunks(k, n, C), _chunks(beta, n, C), _chunks(_log_decays(alpha), n, C).cumsum(-1)
+    K, be, lg = _chunks(k, n, C), _chunks(beta, n, C), _chunks(log_gate(alpha), n, C).cumsum(-1)
     Gam = _pair_decays(lg, lower=False, diagonal=-1)  # (B, n, C, C): Γ_ij for j > i
     T = unit_triangular_inverse(be[..., :, None] * Gam * (K @ K.mT), upper=True)
     gam = (lg[..., -1:] - lg).exp()  # γ_i = Π_{m>i} α_m, (B, n, C)
@@ -165,7 +160,7 @@ def gated_delta_causal(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, beta: 
     C = max(1, min(chunk or DELTA_CHUNK, T))
     n = math.ceil(T / C)
     K, Qc, Vc = _chunks(k, n, C), _chunks(q, n, C), _chunks(v, n, C)  # (B, n, C, ·)
-    be, lg = _chunks(beta, n, C), _chunks(_log_decays(alpha), n, C).cumsum(-1)  # (B, n, C)
+    be, lg = _chunks(beta, n, C), _chunks(log_gate(alpha), n, C).cumsum(-1)  # (B, n, C)
     Gam = _pair_decays(lg, lower=True, diagonal=0)  # Γ_ij = g_i / g_j for j ≤ i
     X = unit_triangular_inverse((be[..., :, None] * Gam * (K @ K.mT)).tril(-1), upper=False)
     g = lg.exp()

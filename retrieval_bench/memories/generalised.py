@@ -39,6 +39,7 @@ import torch
 from ..registry import update_rules
 from ..spec import RULE_DEFAULTS
 from .chunked import _chunks, _values_read, one_hot_ids, unit_triangular_inverse
+from .decay import log_gate
 from .normalisations import EPS
 from .rules import UpdateRule, _mv, _outer
 
@@ -159,7 +160,7 @@ def _chunk_terms(k: torch.Tensor, w: torch.Tensor, a: torch.Tensor, C: int,
     """
     n = math.ceil(k.shape[1] / C)
     kappa = unit_keys(k)
-    logw = torch.log(_per_feature(w, k).clamp_min(torch.finfo(k.dtype).tiny))
+    logw = log_gate(_per_feature(w, k))
     K, Kap = _chunks(k, n, C), _chunks(kappa, n, C)  # zero padding: k = 0, κ = 0, log w = 0 (w = 1): no-ops
     At = _chunks(_per_feature(a, k) * kappa, n, C)
     lw = _chunks(logw, n, C)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..feature_maps import FeatureMap
 from ..memories import Memory, memory
+from ..memories.causal import gate_width
 from ..memories.chunked import QUERY_CHUNK
 
 Shape = tuple[int, int, int, int, int]  # (B, L, Q, K, V)
@@ -114,8 +115,7 @@ def call(mem: nn.Module, fn: Callable, *args, **kwargs):
 
 def gate_shape(mem: nn.Module, name: str, B: int, L: int, K: int) -> tuple[int, ...]:
     """(B, L) for a scalar gate, (B, L, width) for a wider one (``Memory.gate_dim``; 1 where it has none)."""
-    dim = getattr(mem, "gate_dim", None)
-    width = dim(name, K) if callable(dim) else 1
+    width = gate_width(mem, name, K)
     return (B, L) if width == 1 else (B, L, width)
 
 
