@@ -66,6 +66,9 @@ def main() -> None:
 @click.option("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
               help="Where the runs train (train.device; default auto: the first GPU if any, else the CPU). Not "
                    "part of a run's identity: a run stored from another device is skipped.")
+@click.option("--group", default=None, metavar="auto|N",
+              help="Runs of one shape trained together as one stacked model (train.group; default auto: 16 on a "
+                   "GPU, 1 on the CPU). A run's record is the same as alone; not part of its identity.")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their count; train nothing.")
 @click.option("--rerun", is_flag=True, help="Run again even the runs already in the store.")
 @click.option("--max-runs", type=click.IntRange(min=1), default=None,
@@ -82,13 +85,18 @@ def main() -> None:
                    f"{DEFAULT_RAY_START_TIMEOUT_S:g}).")
 @click.option("--out", default="plots", show_default=True, help="Where the report's figures go.")
 @click.option("--no-report", is_flag=True, help="Skip writing the report at the end.")
-def run(experiment, store, workers, threads, sets, device, dry_run, rerun, max_runs, executor, address,
+def run(experiment, store, workers, threads, sets, device, group, dry_run, rerun, max_runs, executor, address,
         cpus_per_run, gpus_per_run, ray_start_timeout, out, no_report):
     """Run EXPERIMENT (a TOML file or a shipped experiment's name; default: quick)."""
     from .config import DEFAULT_MAX_RUNS, ConfigError, load
 
     if device is not None:
         sets = (*sets, f'train.device="{device}"')
+    if group is not None:
+        group = group.strip().lower()
+        if group != "auto" and not (group.isdigit() and int(group) >= 1):
+            _fail(f"--group: 'auto' or a number of runs >= 1, got {group!r}")
+        sets = (*sets, f'train.group={group if group.isdigit() else chr(34) + group + chr(34)}')
     if executor != "ray":
         for opt, value in (("--address", address), ("--ray-start-timeout", ray_start_timeout),
                            ("--gpus-per-run", gpus_per_run)):

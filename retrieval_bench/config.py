@@ -114,6 +114,9 @@ class TrainConfig:
     # there is one, else the CPU), "cpu", "cuda" or "cuda:N". Batches come from the run's own generators on the
     # host, so a run sees the same data on every device.
     device: str = "auto"
+    # How many runs of one shape train together as one stacked model (group.py; not identity either): "auto"
+    # (GROUP_AUTO runs on a GPU, 1 on the CPU) or a number >= 1 (1: every run alone).
+    group: str | int = "auto"
 
     def __post_init__(self) -> None:
         # Canonical form: an option equal to its protocol's value is stored as None, its default, so that

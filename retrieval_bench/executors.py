@@ -71,20 +71,67 @@ def _setup_pool_worker(threads: int, driver_pid: int, progress_queue) -> None:
     setup_worker(threads, driver_pid)
 
 
-def execute(cfg: RunConfig | dict[str, Any], progress_queue=None) -> dict[str, Any]:
-    """The job function: train one run from its config (or its dict); never raises (an error becomes ``failed``)."""
+def execute(cfg: RunConfig | dict[str, Any] | list, progress_queue=None) -> dict[str, Any] | list[dict[str, Any]]:
+    """The job function: train one run from its config (or its dict), or a group of them (a list: group.py);
+    never raises (an error becomes ``failed``). A group returns its records in a list, and also puts each on
+    ``progress_queue`` as ``{"run_id", "result"}`` as soon as its run ends, so that the driver stores it then."""
     from .train import failed_result, train_run
 
+    progress = None
+    if progress_queue is not None:
+        def progress(event):
+            progress_queue.put({**event, "pid": os.getpid()})
+    if isinstance(cfg, list):
+        return _execute_group([as_run(c) for c in cfg], progress)
     cfg = as_run(cfg)
     t0 = time.perf_counter()
     try:
-        progress = None
-        if progress_queue is not None:
-            def progress(event):
-                progress_queue.put({**event, "pid": os.getpid()})
         return train_run(cfg, progress=progress)
     except Exception:  # a run's error must not end the sweep; it is stored with its traceback
         return failed_result(cfg, traceback.format_exc(), time.perf_counter() - t0)
+
+
+def _execute_group(cfgs: list[RunConfig], progress: Progress | None) -> list[dict[str, Any]]:
+    from .group import train_group
+    from .train import failed_result
+
+    results: list[dict[str, Any]] = []
+    try:
+        for result in train_group(cfgs, progress):
+            results.append(result)
+            if progress is not None:
+                progress({"run_id": result["row"]["run_id"], "result": result})
+    except Exception:  # the group's machinery itself: every run not yet ended is stored as failed
+        ended = {r["row"]["run_id"] for r in results}
+        results += [failed_result(c, traceback.format_exc()) for c in cfgs if c.run_id not in ended]
+    return results
+
+
+def run_ids(item: RunConfig | dict[str, Any] | list) -> list[str]:
+    """The run ids of a work item (a run, its dict, or a group)."""
+    return [as_run(c).run_id for c in (item if isinstance(item, list) else [item])]
+
+
+class Delivered:
+    """The records a driver has handed on, so that a group's records, streamed as its runs end and returned
+    again with the group, are stored once, and a lost group reruns only the runs it had not finished."""
+
+    def __init__(self):
+        self.ids: set[str] = set()
+
+    def new(self, results: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records of ``results`` (a record or a group's list) not handed on before; now they are."""
+        fresh = []
+        for r in results if isinstance(results, list) else [results]:
+            rid = r["row"]["run_id"]
+            if rid not in self.ids:
+                self.ids.add(rid)
+                fresh.append(r)
+        return fresh
+
+    def remaining(self, item) -> list:
+        """The runs of a lost work item still without a record, each alone (for the isolation rule)."""
+        return [c for c in (item if isinstance(item, list) else [item]) if as_run(c).run_id not in self.ids]
 
 
 def _execute_in_pool(job: Callable[..., dict[str, Any]], cfg_dict: dict[str, Any]) -> dict[str, Any]:
@@ -125,10 +172,16 @@ class InlineExecutor(Executor):
             torch.set_num_threads(self.threads)
         sink = _CallbackSink(on_progress) if on_progress else None
         try:
-            for cfg in configs:
+            for item in configs:
                 if on_start:
-                    on_start({"run_id": as_run(cfg).run_id})
-                yield execute(cfg, sink)
+                    for rid in run_ids(item):
+                        on_start({"run_id": rid})
+                if isinstance(item, list):  # a group: each record as its run ends
+                    from .group import train_group
+
+                    yield from train_group([as_run(c) for c in item], on_progress)
+                else:
+                    yield execute(item, sink)
         finally:
             torch.set_num_threads(old)
 
@@ -191,7 +244,7 @@ class LocalExecutor(Executor):
                 failed = runs.restart(lost)
                 if failed is not None:
                     yield failed
-            _drain(runs.pq, on_progress)
+            yield from runs.delivered.new(_drain(runs.pq, on_progress))
         finally:
             _stop(runs.pool, runs.pq)
             self._current = None
@@ -216,6 +269,7 @@ class _PoolRuns:
         self.retries: dict[str, int] = {}
         self.pending: dict[Future, Any] = {}
         self.alone = False  # whether the one run in flight is an isolated one
+        self.delivered = Delivered()
         self.pool, self.pq = executor._pool()
 
     def unfinished(self) -> bool:
@@ -237,21 +291,21 @@ class _PoolRuns:
                 return []
             self.pending[fut] = cfg
             if self.on_start:
-                self.on_start({"run_id": as_run(cfg).run_id})
+                for rid in run_ids(cfg):
+                    self.on_start({"run_id": rid})
         return None
 
     def collect(self) -> tuple[list[dict[str, Any]], list, BaseException | None]:
         """Wait up to 0.5 s for runs to end: (their results, the runs lost with a broken pool, the first other
         error a run raised, which the caller raises once the results before it are stored)."""
         done, _ = wait(list(self.pending), timeout=0.5, return_when=FIRST_COMPLETED)
-        _drain(self.pq, self.on_progress)
-        results, lost, error = [], [], None
+        results, lost, error = self.delivered.new(_drain(self.pq, self.on_progress)), [], None
         for fut in done:
             cfg = self.pending.pop(fut)
             try:
-                results.append(fut.result())
+                results += self.delivered.new(fut.result())
             except BrokenProcessPool:
-                lost.append(cfg)
+                lost += self.delivered.remaining(cfg)
             except BaseException as e:  # noqa: BLE001  (kept, raised after the others are yielded)
                 error = error or e
         return results, lost, error
@@ -259,7 +313,8 @@ class _PoolRuns:
     def restart(self, lost: list) -> dict[str, Any] | None:
         """A dead worker poisons the whole pool, and every run still in flight is lost with it: start a fresh
         pool and decide what to rerun. Returns the ``failed`` record of a run out of retries, else None."""
-        lost += self.pending.values()
+        for item in self.pending.values():  # a group in flight: its runs not yet stored, each alone
+            lost += self.delivered.remaining(item)
         self.pending.clear()
         log.warning("a worker process died; restarting the pool")
         _stop(self.pool, self.pq)
@@ -278,14 +333,20 @@ class _PoolRuns:
         return failed_result(as_run(cfg), "worker process died (killed or OOM)")
 
 
-def _drain(pq, on_progress) -> None:
+def _drain(pq, on_progress) -> list[dict[str, Any]]:
+    """Hand the queue's progress events to ``on_progress``; returns the records that came with them (a group's
+    runs that ended)."""
+    results = []
     try:
         while not pq.empty():
             event = pq.get()
-            if on_progress:
+            if "result" in event:
+                results.append(event["result"])
+            elif on_progress:
                 on_progress(event)
     except (OSError, EOFError, ValueError):  # a queue closed or broken by a dead worker: progress is best effort
-        return
+        pass
+    return results
 
 
 def _stop(pool: ProcessPoolExecutor, pq) -> None:

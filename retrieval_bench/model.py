@@ -80,6 +80,19 @@ class RetrievalModel(nn.Module):
         """The memory's inputs for (B, L) ids and (B, Q) query ids: k (B, L, K), v (B, L, V), betas (B, L)
         or None, q (B, Q, K), and the rule's other gates {name: (B, L), or (B, L, F) for a width-F gate}."""
         proj = self._project([self.W_k, *(self.W_g[g] for g in self.gate_names)], keys, values)  # (B, L, K+ΣG)
+        B, Q = queries.shape
+        if B * Q > self.num_keys:  # many queries (evaluation): project the S embedding rows once, then gather
+            table = torch.addmm(self.W_q.bias, self.embedding, self.W_q.weight.t())  # (S, K)
+            q = table.index_select(0, queries.reshape(-1)).reshape(B, Q, -1)
+        else:
+            q = self.W_q(self.embedding.index_select(0, queries.reshape(-1))).reshape(B, Q, -1)
+        return self.split_inputs(proj, values, q)
+
+    def split_inputs(self, proj: torch.Tensor, values: torch.Tensor, q: torch.Tensor):
+        """The memory's inputs (as ``inputs`` returns them) from the projections ``proj`` (B, L, K+ΣG) of the
+        written pairs, their value ids (B, L) and the projected queries ``q`` (B, Q, K): the key and each gate
+        split off (gates through σ), and onehot(values). group.py calls it with G runs' projections stacked
+        along B."""
         K = self.d_key
         k = proj[..., :K]
         gates, at = {}, K
@@ -94,12 +107,6 @@ class RetrievalModel(nn.Module):
         offsets = torch.arange(values.numel(), device=values.device) * V + values.reshape(-1)
         v.view(-1).index_fill_(0, offsets, 1.0)
         mark_one_hot(v, values)  # lets the fast forms gather by id instead of reading all B·L·V entries
-        B, Q = queries.shape
-        if B * Q > self.num_keys:  # many queries (evaluation): project the S embedding rows once, then gather
-            table = torch.addmm(self.W_q.bias, self.embedding, self.W_q.weight.t())  # (S, K)
-            q = table.index_select(0, queries.reshape(-1)).reshape(B, Q, -1)
-        else:
-            q = self.W_q(self.embedding.index_select(0, queries.reshape(-1))).reshape(B, Q, -1)
         return k, v, gates.pop("beta", None), q, gates
 
     def forward(self, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
-from .executors import Executor, as_run, execute, setup_worker
+from .executors import Delivered, Executor, as_run, execute, run_ids, setup_worker
 from .ray_reaper import start_reaper
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,12 @@ def _task(job: Job, threads: int, cfg: dict[str, Any], progress: _ProgressSink |
     if _worker_threads != threads:  # once per worker process (Ray reuses workers across tasks)
         setup_worker(threads)
         _worker_threads = threads
+    if isinstance(cfg, list):  # a group (group.py): every run on the task's device
+        cfg = [on_cpu_unless_given_gpus(c, gpus) for c in cfg]
+    else:
+        cfg = on_cpu_unless_given_gpus(cfg, gpus)
     try:
-        return job(on_cpu_unless_given_gpus(cfg, gpus), progress)
+        return job(cfg, progress)
     finally:
         if progress is not None:
             progress.flush()
@@ -279,7 +283,7 @@ class RayExecutor(Executor):
         if on_progress is not None:
             self._progress_actor = ray.remote(_ProgressActor).options(num_cpus=0).remote()
             progress = _ProgressSink(self._progress_actor)
-        pending = self._pending
+        pending, delivered = self._pending, Delivered()
         try:
             while todo or pending:
                 if todo:
@@ -288,33 +292,38 @@ class RayExecutor(Executor):
                         cfg = todo.pop(0)
                         pending[remote.remote(self.job, self.threads, cfg, progress, self.gpus)] = cfg
                         if on_start:
-                            on_start({"run_id": as_run(cfg).run_id})
+                            for rid in run_ids(cfg):
+                                on_start({"run_id": rid})
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
                 if ready:  # take every other result that is in too
                     rest = [r for r in pending if r not in ready]
                     if rest:
                         ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-                self._drain(on_progress)
+                yield from delivered.new(self._drain(on_progress))
                 for ref in ready:
-                    yield self._result(ref, pending.pop(ref))
-            self._drain(on_progress)
+                    yield from delivered.new(self._result(ref, pending.pop(ref)))
+            yield from delivered.new(self._drain(on_progress))
         finally:
             self._cancel_pending()
             self._stop_progress()
 
-    def _result(self, ref, cfg: dict[str, Any]) -> dict[str, Any]:
+    def _result(self, ref, cfg: dict[str, Any] | list) -> dict[str, Any] | list[dict[str, Any]]:
+        """A task's record (a group's: their list); a task Ray lost gives each of its runs a ``failed`` record
+        (a group's runs already streamed keep theirs: the driver drops the duplicates)."""
         try:
             result = ray.get(ref)
         except RayError as e:  # the worker died after its retries, the node was lost, or the job raised
             from .train import failed_result
 
-            log.warning("run %s failed on Ray: %s", as_run(cfg).run_id, type(e).__name__)
+            log.warning("run %s failed on Ray: %s", ", ".join(run_ids(cfg)), type(e).__name__)
             if isinstance(e, RayTaskError):  # the job itself raised (not retried): keep its traceback
                 error = f"the job raised on a Ray worker: {e}"
             else:
                 error = f"Ray lost the run (after {self.max_retries} retries): {type(e).__name__}: {e}"
-            return failed_result(as_run(cfg), error)
-        self._check_version(result)
+            failed = [failed_result(as_run(c), error) for c in (cfg if isinstance(cfg, list) else [cfg])]
+            return failed if isinstance(cfg, list) else failed[0]
+        for r in result if isinstance(result, list) else [result]:
+            self._check_version(r)
         return result
 
     def _check_version(self, result: dict[str, Any]) -> None:
@@ -326,15 +335,22 @@ class RayExecutor(Executor):
             log.warning("a Ray worker runs retrieval-bench %s, the driver %s: install the same version on "
                         "every node", theirs, __version__)
 
-    def _drain(self, on_progress) -> None:
+    def _drain(self, on_progress) -> list[dict[str, Any]]:
+        """Hand the progress events to ``on_progress``; returns the records that came with them (a group's runs
+        that ended, streamed before the group's task returns)."""
         if self._progress_actor is None or on_progress is None:
-            return
+            return []
         try:
             events = ray.get(self._progress_actor.drain.remote(), timeout=10)
         except (RayError, GetTimeoutError):  # the live view misses some steps; the runs are unaffected
-            return
+            return []
+        results = []
         for event in events:
-            on_progress(event)
+            if "result" in event:
+                results.append(event["result"])
+            else:
+                on_progress(event)
+        return results
 
     def _cancel_pending(self) -> None:
         """Stop the runs still in flight (Ctrl-C, a driver error): their results would be lost anyway."""

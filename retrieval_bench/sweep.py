@@ -18,6 +18,7 @@ from rich.text import Text
 
 from .config import Experiment, RunConfig
 from .executors import Executor
+from .group import form_groups
 from .store import Store
 
 
@@ -100,8 +101,9 @@ def run_sweep(exp: Experiment, store: Store, executor: Executor, rerun: bool = F
             state.running[ev["run_id"]].update(step=ev["step"], eval_loss=ev["eval_loss"])
 
     view = Live(get_renderable=state.render, console=console, refresh_per_second=4, transient=True)
+    items = form_groups(todo, workers=state.workers)
     with view if use_live else _Null() as lv:
-        for result in executor.run(todo, on_start, on_progress):
+        for result in executor.run(items, on_start, on_progress):
             row = result["row"]
             store.write_run(row, result["curves"], result["diagnostics"])
             state.running.pop(row["run_id"], None)

@@ -91,15 +91,25 @@ class _Run:
         self.best, self.strike, self.final_loss, self.final_acc = math.inf, 0, None, None
         self.status, self.reason, self.step, self.train_sum, self.grad_norm = "done", "max_steps", 0, 0.0, 0.0
         self.first_bad, self.n_evals = None, 0  # the first step with a non-finite value (nonfinite = "continue")
+        self.clock = 0.0  # seconds of work that are this run's (group.py: its share of each group step)
+
+    def batch(self) -> Any:
+        """The run's next training batch, drawn from its own generator on the host."""
+        return self.task.sample(self.cfg.train.batch_size, self.train_gen)
 
     def train_step(self, step: int) -> bool:
         """One optimizer step on a fresh batch; False where a non-finite loss ends the run."""
-        self.step = step
-        fam, model, tc = self.fam, self.model, self.cfg.train
-        loss = fam.train_loss(model, to_device(self.task.sample(tc.batch_size, self.train_gen), self.device))
+        loss = self.fam.train_loss(self.model, to_device(self.batch(), self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        lv = loss.item()
+        return self.apply(step, loss.item())
+
+    def apply(self, step: int, lv: float) -> bool:
+        """The rest of a training step once the gradients of the loss ``lv`` are in: the non-finite rule,
+        clipping, the optimizer and the schedule. False where a non-finite loss ends the run (the parameters
+        then stay as they were)."""
+        self.step = step
+        fam, model = self.fam, self.model
         if not math.isfinite(lv):
             if not self.train_on:
                 self.status, self.reason = "diverged", f"non-finite training loss at step {step}"

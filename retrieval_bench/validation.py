@@ -110,6 +110,8 @@ def check_fields(where: str, sec: str, values: dict[str, Any]) -> None:
                     resolve_device(v, f"{where}.{key}")
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
+            if (sec, key) == ("train", "group") and not (v == "auto" or (isinstance(v, int) and v >= 1)):
+                raise ConfigError(f"{where}.{key}: must be 'auto' or a number of runs >= 1, got {v!r}")
             if (sec, key) == ("train", "warmup") and not 0 <= v < 1:
                 raise ConfigError(f"{where}.{key}: a fraction of max_steps in [0, 1), got {v}")
             if (sec, key) == ("train", "stop_acc") and not 0 < v <= 1:

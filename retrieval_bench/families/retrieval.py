@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..feature_maps import FeatureMap
 from ..memories import memory_options
 from ..model import RetrievalModel, retrieval_loss
 from . import Evaluation
@@ -100,6 +101,51 @@ class RetrievalFamily:
     def train_loss(self, model: RetrievalModel, batch) -> torch.Tensor:
         y = model(batch.keys, batch.values, batch.query[:, None])[:, 0]  # (B, V)
         return retrieval_loss(y, batch.target)
+
+    def group_blocker(self, model: RetrievalModel) -> str | None:
+        """Why runs of this model cannot share one memory call (group.py), or None where they can: the memory
+        must hold nothing of a run's own (no parameters, no buffers, no random draws of its feature map)."""
+        mem = model.memory
+        phi = getattr(mem, "phi", None)
+        seeded = phi is not None and (type(phi).seed is not FeatureMap.seed
+                                      or type(phi).begin_call is not FeatureMap.begin_call)
+        if seeded or any(True for _ in mem.parameters()) or any(True for _ in mem.buffers()):
+            return "its memory holds a state of its own (parameters, buffers or random draws)"
+        return None
+
+    def group_loss(self, models: list[RetrievalModel], batches: list) -> torch.Tensor:
+        """The training losses (G,) of G runs of one shape, each on its own batch, in one memory call.
+
+        Each run's front end (embedding, key, gate and query projections) is stacked along a leading run axis
+        and applied as batched matmuls and gathers; the memory then reads G·B sequences at once. Each loss
+        depends on its own run's parameters only, so the gradient of their sum is each run's own gradient.
+        """
+        m0 = models[0]
+        G, V, S = len(models), m0.num_values, m0.num_keys
+        keys, values = torch.stack([b.keys for b in batches]), torch.stack([b.values for b in batches])  # (G, B, L)
+        query, target = torch.stack([b.query for b in batches]), torch.stack([b.target for b in batches])  # (G, B)
+        B, L = keys.shape[1:]
+        names = ("W_k", *(f"W_g.{g}" for g in m0.gate_names))
+        lins = [[m.get_submodule(n) for m in models] for n in names]
+        weight = torch.cat([torch.stack([lin.weight for lin in per]) for per in lins], 1)  # (G, out, V+E)
+        bias = torch.cat([torch.stack([lin.bias for lin in per]) for per in lins], 1)  # (G, out)
+        emb = torch.stack([m.embedding for m in models])  # (G, S, E)
+        w_val = weight[:, :, :V].transpose(1, 2).reshape(G * V, -1)  # (G·V, out)
+        w_key = torch.baddbmm(bias[:, None, :], emb, weight[:, :, V:].transpose(1, 2)).reshape(G * S, -1)
+        run = torch.arange(G, device=keys.device)[:, None, None]  # each run's rows in the stacked tables
+        proj = (w_val.index_select(0, (values + run * V).reshape(-1))
+                + w_key.index_select(0, (keys + run * S).reshape(-1))).reshape(G * B, L, -1)
+        w_q = torch.stack([m.W_q.weight for m in models]).transpose(1, 2)  # (G, E, K)
+        b_q = torch.stack([m.W_q.bias for m in models])[:, None, :]  # (G, 1, K)
+        at = (query + run[:, :, 0] * S).reshape(-1)
+        if B > S:  # as RetrievalModel.inputs: project the S embedding rows once, then gather
+            q = torch.baddbmm(b_q, emb, w_q).reshape(G * S, -1).index_select(0, at).reshape(G, B, -1)
+        else:
+            q = torch.baddbmm(b_q, emb.reshape(G * S, -1).index_select(0, at).reshape(G, B, -1), w_q)  # (G, B, K)
+        k, v, betas, q, gates = m0.split_inputs(proj, values.reshape(G * B, L), q.reshape(G * B, 1, -1))
+        y = m0.memory(k, v, betas, q, **gates)[:, 0].reshape(G, B, V)
+        err = y - torch.nn.functional.one_hot(target, V).to(y.dtype)
+        return (0.5 * (err * err).sum(-1)).mean(-1)  # (G,): each run's retrieval_loss
 
     def evaluate(self, model: RetrievalModel, ev, cfg: RunConfig) -> Evaluation:
         tc = cfg.train

@@ -1,0 +1,204 @@
+"""Many runs per step (DESIGN §9, "a group is a bigger batch"): G runs of one shape train as one stacked model.
+
+In the paper's model the memory holds nothing of a run's own; only the front end (embedding, key, gate and query
+projections) belongs to a run. Runs that share every shape (the memory, the task and its sizes, d_key, the batch
+size, the device) and differ in seed, learning rate or other scalars of the protocol can therefore share one
+memory call over G·B sequences, while each run's front end is applied to its own batch as batched matmuls. The
+loss is the sum of the runs' own mean losses, so no gradient mixes; each run keeps its own parameters, its own
+optimizer, data streams, evaluation, stop rule, diagnostics and record (``train._Run``). A run that ends leaves
+the group and is handed back at once, at its own stop step; its wall time is its share of each step it took
+part in (the shared forward and backward split evenly) plus its own evaluations.
+
+A run's record does not depend on its group: the same curves, losses, steps and status as alone, within float
+tolerance (batched matmuls round differently; tests/test_group.py checks it). A family groups its runs where it
+has a ``group_loss`` (today the retrieval family); other runs, and memories with parameters, buffers or random
+features of their own (``group_blocker``), train one after another in their group's worker.
+
+``train.group`` (``run --group N``) sets the group size; ``"auto"`` is ``GROUP_AUTO`` on a GPU and 1 on the
+CPU, where ``bench --group`` measured no gain for one single-threaded worker per core (README, "Performance").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+#: runs per group where ``train.group = "auto"`` and the runs train on a GPU
+GROUP_AUTO = 16
+#: families that can train a group in one memory call (those with a ``group_loss``)
+GROUPED_FAMILIES = ("retrieval",)
+
+
+def group_size(cfg: RunConfig) -> int:
+    """How many runs ``cfg``'s group may hold: its ``train.group``, ``"auto"`` resolved by the device it names
+    (which is resolved here, on the driver: ``auto`` is a GPU where this machine has one)."""
+    setting = cfg.train.group
+    if setting != "auto":
+        return int(setting)
+    from .runtime import resolve_device
+
+    return GROUP_AUTO if resolve_device(cfg.train.device, "train.device").type == "cuda" else 1
+
+
+def shape_key(cfg: RunConfig) -> tuple | None:
+    """What runs of one group share (everything but the seed and the protocol's scalars), or None where the
+    run's family cannot be grouped."""
+    if cfg.model.kind not in GROUPED_FAMILIES:
+        return None
+    t = cfg.train
+    return (cfg.task, cfg.model, t.batch_size, str(t.device).strip().lower(), t.group)
+
+
+def form_groups(runs: Sequence[RunConfig], workers: int = 1) -> list[RunConfig | list[RunConfig]]:
+    """The work items of a sweep: each run alone, or a list of up to ``group_size`` runs of one shape.
+
+    Order is kept as far as it can be: a group stands where its first run stood. Where there would be fewer
+    items than ``workers``, the largest groups are halved until every worker has one (or every run is alone).
+    A group of one is a run."""
+    items = _fill_groups(runs)
+    while len(items) < workers:
+        big = max(range(len(items)), key=lambda i: len(items[i]) if isinstance(items[i], list) else 1, default=None)
+        if big is None or not isinstance(items[big], list) or len(items[big]) < 2:
+            break
+        half = (len(items[big]) + 1) // 2
+        items[big:big + 1] = [items[big][:half], items[big][half:]]
+    return [it[0] if isinstance(it, list) and len(it) == 1 else it for it in items]
+
+
+def _fill_groups(runs: Sequence[RunConfig]) -> list:
+    """Runs of one shape in groups of at most their size, as even as can be (7 runs in groups of 4: 4 and 3)."""
+    slots: list[Any] = []  # a run alone, or the key of a shape (its groups go where its first run stood)
+    by_key: dict[tuple, list[RunConfig]] = {}
+    for cfg in runs:
+        key = shape_key(cfg)
+        if key is None or group_size(cfg) <= 1:
+            slots.append(cfg)
+            continue
+        if key not in by_key:
+            by_key[key] = []
+            slots.append(key)
+        by_key[key].append(cfg)
+    items: list[Any] = []
+    for slot in slots:
+        if not isinstance(slot, tuple):
+            items.append(slot)
+            continue
+        group = by_key[slot]
+        n = -(-len(group) // group_size(group[0]))  # how many groups
+        size, extra = divmod(len(group), n)
+        at = 0
+        for i in range(n):
+            items.append(group[at: at + size + (i < extra)])
+            at += size + (i < extra)
+    return items
+
+
+def members(item: RunConfig | dict | list) -> list:
+    """The runs of a work item (a run, its stored dict, or a group of them)."""
+    return list(item) if isinstance(item, list) else [item]
+
+
+def train_group(cfgs: Sequence[RunConfig], progress: Callable[[dict[str, Any]], None] | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """Train ``cfgs`` (runs of one shape) together; yield each run's record as the run ends.
+
+    A run that raises ends as ``failed`` with the traceback, and the others go on; where the group step itself
+    raises, every run still in it ends as ``failed`` (a rerun of the sweep retries them)."""
+    from .train import _Run, failed_result
+
+    runs: list[_Run] = []
+    for cfg in cfgs:
+        t0 = time.perf_counter()
+        try:
+            runs.append(_Run(cfg, progress))
+        except Exception:
+            yield failed_result(cfg, traceback.format_exc(), time.perf_counter() - t0)
+        else:
+            runs[-1].clock = time.perf_counter() - t0
+    if not runs:
+        return
+    blocker = _blocker(runs)
+    if blocker is not None:
+        log.info("%d runs train one after another, not as a group: %s", len(runs), blocker)
+        for run in runs:
+            yield from _alone(run)
+        return
+    yield from _together(runs)
+
+
+def _blocker(runs: list) -> str | None:
+    fam = runs[0].fam
+    if not hasattr(fam, "group_loss"):
+        return f"the {fam.name} family has no group_loss"
+    if len({r.device for r in runs}) > 1:
+        return "its runs are on different devices"
+    why = fam.group_blocker(runs[0].model)
+    return None if why is None else f"{runs[0].cfg.model.memory}: {why}"
+
+
+def _alone(run) -> Iterator[dict[str, Any]]:
+    """One run of a group that cannot train together, trained as ``train_run`` would."""
+    from .train import failed_result
+
+    t0 = time.perf_counter() - run.clock
+    try:
+        tc = run.cfg.train
+        for step in range(1, tc.max_steps + 1):
+            if not run.train_step(step):
+                break
+            if (step % tc.eval_every == 0 or step == tc.max_steps) and not run.evaluate(step):
+                break
+        yield run.result(t0)
+    except Exception:
+        yield failed_result(run.cfg, traceback.format_exc(), time.perf_counter() - t0)
+
+
+def _together(runs: list) -> Iterator[dict[str, Any]]:
+    """The group's loop: one stacked forward and backward per step for every run still in it, then each run's
+    own optimizer step, evaluation and stop rule, exactly as ``train_run`` applies them."""
+    from .families import to_device
+    from .train import failed_result
+
+    fam, device = runs[0].fam, runs[0].device
+    active, step = list(runs), 0
+    while active:
+        step += 1
+        t = time.perf_counter()
+        try:
+            batches = [r.batch() for r in active]
+            for r in active:
+                r.opt.zero_grad(set_to_none=True)
+            losses = fam.group_loss([r.model for r in active], [to_device(b, device) for b in batches])
+            losses.sum().backward()
+            values = losses.tolist()
+        except Exception:
+            err = traceback.format_exc()
+            for r in active:
+                yield failed_result(r.cfg, err, r.clock + time.perf_counter() - t)
+            return
+        share = (time.perf_counter() - t) / len(active)
+        still = []
+        for r, lv in zip(active, values, strict=True):
+            t_own = time.perf_counter()
+            r.clock += share
+            try:
+                tc = r.cfg.train
+                go = r.apply(step, lv)
+                if go and (step % tc.eval_every == 0 or step == tc.max_steps):
+                    go = r.evaluate(step)
+                go = go and step < tc.max_steps
+                r.clock += time.perf_counter() - t_own
+                if go:
+                    still.append(r)
+                else:
+                    yield r.result(time.perf_counter() - r.clock)
+            except Exception:
+                yield failed_result(r.cfg, traceback.format_exc(), r.clock + time.perf_counter() - t_own)
+        active = still
