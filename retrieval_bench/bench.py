@@ -112,7 +112,7 @@ def _median_ms(times: list[float]) -> float | None:
 def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", threads: int = 2,
               repeat: int = 5, batch_size: int = 32, d_key: int = 64, include_reference: bool = True,
               reference_max_bytes: int = 2 * 2**30, warmup: int = 1, seed: int = 0,
-              malloc_tuned: bool = True, device: str | torch.device = "cpu") -> list[dict]:
+              malloc_tuned: bool = True, device: str | torch.device = "cpu", group: int = 0) -> list[dict]:
     """Time a training step and an evaluation per memory and size, fast form against reference loop.
 
     Args:
@@ -129,6 +129,9 @@ def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", 
             waits for its kernels (``runtime.timed``) and ``peak_mb`` is the step's peak of allocated device
             memory above what was allocated before (``torch.cuda.max_memory_allocated``). The forms'
             disagreement is measured on the CPU in float64 either way.
+        group: where > 1, also time a training step of ``group`` runs of this memory trained as one stacked
+            model (group.py; form ``group of N``, its ``ms_step`` the whole group's step), beside the fast
+            form's step of one run. Memories that cannot be grouped get a skipped row.
 
     Returns:
         One dict per memory, size and form, with keys ``ROW_KEYS``: ``ms_step``/``ms_eval`` are medians,
@@ -148,7 +151,7 @@ def run_bench(memories: list[str], num_keys: list[int], task: str = "capacity", 
         for spec in memories:
             for S in num_keys:
                 rows.extend(_bench_one(spec, S, task, threads, repeat, batch_size, d_key, include_reference,
-                                       reference_max_bytes, warmup, seed, device))
+                                       reference_max_bytes, warmup, seed, device, group))
     finally:
         torch.set_num_threads(old_threads)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
@@ -165,7 +168,7 @@ def _make_model(spec: str, S: int, d_key: int, seed: int, num_values: int) -> Re
 
 
 def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_reference, reference_max_bytes,
-               warmup, seed, device):
+               warmup, seed, device, group=0):
     """The rows of one memory at one size: its forms built, compared, timed and measured."""
     tk = make_task(task_name, num_keys=S)
     L, V = tk.seq_len, tk.num_values
@@ -188,6 +191,9 @@ def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_r
         if hasattr(mem, "reference"):
             diff, diff_len = _difference(spec, S, tk, to_device(batches[0], torch.device("cpu")), d_key, seed,
                                          reference_max_bytes)
+    if group > 1:
+        why = forms.add_group(group, lambda i: _make_model(spec, S, d_key, seed + 1 + i, V).to(device))
+        status[forms.GROUP] = "ok" if why is None else f"skipped: {why}"
     step_t, eval_t = forms.time(batches, warmup, repeat, device)
     peak = {name: peak_memory_increase_mb(lambda name=name: forms.train_step(name, batches[-1]), device)
             for name in forms.models}
@@ -195,7 +201,7 @@ def _bench_one(spec, S, task_name, threads, repeat, batch_size, d_key, include_r
              "batch_size": batch_size, "d_key": d_key, "ms_step": _median_ms(step_t.get(name, [])),
              "ms_eval": _median_ms(eval_t.get(name, [])), "peak_mb": peak.get(name), "max_diff": diff[0],
              "max_rel_diff": diff[1], "diff_seq_len": diff_len, "status": status[name]}
-            for name in ("fast", "reference") if name in status]
+            for name in ("fast", "reference", forms.GROUP) if name in status]
 
 
 def _reference_status(mem: Memory, need: int, cap: int) -> str:
@@ -216,6 +222,23 @@ class _Forms:
         self.ev = ev
         self.eval_ok = {"fast": True}
         self.opts = {"fast": torch.optim.Adam(fast.parameters(), lr=1e-3)}
+        self.GROUP = "group"
+        self.group: list[tuple[RetrievalModel, torch.optim.Optimizer]] = []
+
+    def add_group(self, n: int, build) -> str | None:
+        """Also time ``n`` runs (models ``build(i)``, each with its Adam) trained as one stacked model; returns
+        why they cannot be, or None."""
+        from .families.retrieval import RetrievalFamily
+
+        self.GROUP = f"group of {n}"
+        why = RetrievalFamily().group_blocker(self.models["fast"])
+        if why is not None:
+            return why
+        models = [build(i) for i in range(n)]
+        self.group = [(m, torch.optim.Adam(m.parameters(), lr=1e-3)) for m in models]
+        self.models[self.GROUP] = models[0]  # a name to time and measure under; its step trains all n
+        self.eval_ok[self.GROUP] = False  # a group's runs evaluate each on its own, as alone
+        return None
 
     def add_reference(self) -> None:
         self.models["reference"] = copy.deepcopy(self.models["fast"])
@@ -227,6 +250,8 @@ class _Forms:
         return model, (reference_form(model.memory) if name == "reference" else contextlib.nullcontext())
 
     def train_step(self, name: str, batch) -> None:
+        if name == self.GROUP and self.group:
+            return self._group_step(batch)
         model, ctx = self._form(name)
         with ctx:
             y = model(batch.keys, batch.values, batch.query[:, None])[:, 0]
@@ -234,6 +259,18 @@ class _Forms:
             self.opts[name].zero_grad(set_to_none=True)
             loss.backward()
             self.opts[name].step()
+
+    def _group_step(self, batch) -> None:
+        """One step of the group: every run on ``batch`` (the data does not change the work), one stacked
+        forward and backward, then each run's Adam."""
+        from .families.retrieval import RetrievalFamily
+
+        for _, opt in self.group:
+            opt.zero_grad(set_to_none=True)
+        losses = RetrievalFamily().group_loss([m for m, _ in self.group], [batch] * len(self.group))
+        losses.sum().backward()
+        for _, opt in self.group:
+            opt.step()
 
     def evaluate(self, name: str) -> None:
         model, ctx = self._form(name)

@@ -35,6 +35,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def group_lines(rows: list[dict]) -> list[str]:
+    """Per memory and size with a timed group: its step against one run's, and the time per run."""
+    fast = {(r["memory"], r["num_keys"]): r for r in rows if r["form"] == "fast"}
+    out = []
+    for r in rows:
+        one = fast.get((r["memory"], r["num_keys"]))
+        if not r["form"].startswith("group of ") or r["ms_step"] is None or one is None or not one["ms_step"]:
+            continue
+        n = int(r["form"].rsplit(" ", 1)[1])
+        out.append(f"{r['memory']} S={r['num_keys']}: a step of {n} runs takes {r['ms_step'] / one['ms_step']:.2f}x "
+                   f"one run's ({r['ms_step'] / n:.2f} ms per run against {one['ms_step']:.2f})")
+    return out
+
+
 def max_difference(rows: list[dict]) -> float | None:
     """The largest ``max_diff`` over the rows, or None where no reference was compared."""
     diffs = [r["max_diff"] for r in rows if r.get("max_diff") is not None]
@@ -93,8 +107,11 @@ _POSITIVE = click.IntRange(min=1)
 @click.option("--device", default="cpu", show_default=True, metavar="auto|cpu|cuda|cuda:N",
               help="Where the steps run; on a GPU the times wait for the kernels and peak MB is allocated device "
                    "memory (torch.cuda.max_memory_allocated).")
+@click.option("--group", type=click.IntRange(min=2), default=None, metavar="N",
+              help="Also time a training step of N runs of each memory trained as one stacked model (run "
+                   "--group), beside the step of one run.")
 def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
-                  chunkwise, lm_lengths, reference_max_gib, device):
+                  chunkwise, lm_lengths, reference_max_gib, device, group):
     """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
     if lm_lengths:
         from .bench_lm import DEFAULT_LM_MEMORIES
@@ -112,6 +129,9 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
     if lm_lengths and reference_max_gib != 2.0:
         raise click.BadParameter("applies to the retrieval model only; with --lm the reference loop runs up to "
                                  "T = 256", param_hint="'--reference-max-gib'")
+    if lm_lengths and group:
+        raise click.BadParameter("applies to the retrieval model only (language models train alone)",
+                                 param_hint="'--group'")
     if chunkwise and where.type != "cpu":
         raise click.BadParameter("the chunkwise throughput is measured on the CPU only", param_hint="'--chunkwise'")
     store = None
@@ -133,8 +153,11 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
 
         rows = bench.run_bench(list(memories), list(num_keys), task=task, threads=threads, repeat=repeat, device=where,
                                reference_max_bytes=int(reference_max_gib * 2**30),
-                         batch_size=batch_size, d_key=d_key, include_reference=not no_reference)
+                               batch_size=batch_size, d_key=d_key, include_reference=not no_reference,
+                               group=group or 0)
         click.echo(format_table(rows))
+        for line in group_lines(rows):
+            click.echo(line)
     worst = max_difference(rows)
     if worst is not None:
         click.echo(f"max |fast - reference| over outputs and gradients: {worst:.2e}")

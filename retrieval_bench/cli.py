@@ -67,8 +67,9 @@ def main() -> None:
               help="Where the runs train (train.device; default auto: the first GPU if any, else the CPU). Not "
                    "part of a run's identity: a run stored from another device is skipped.")
 @click.option("--group", default=None, metavar="auto|N",
-              help="Runs of one shape trained together as one stacked model (train.group; default auto: 16 on a "
-                   "GPU, 1 on the CPU). A run's record is the same as alone; not part of its identity.")
+              help="Runs of one shape (differing in seed, lr, ...) trained together as one stacked model "
+                   "(train.group; default auto: 16 on a GPU; on the CPU 8 where batch_size·seq_len <= 1024, else "
+                   "1). A run's record is the same as alone; not part of its identity.")
 @click.option("--dry-run", is_flag=True, help="Print the runs and their count; train nothing.")
 @click.option("--rerun", is_flag=True, help="Run again even the runs already in the store.")
 @click.option("--max-runs", type=click.IntRange(min=1), default=None,
@@ -113,6 +114,12 @@ def run(experiment, store, workers, threads, sets, device, group, dry_run, rerun
         for r in runs:
             click.echo(f"{r.run_id}  {label(r)}")
         click.echo(f"{len(runs)} runs in experiment {exp.name!r}")
+        from .group import form_groups
+
+        groups = [len(i) for i in form_groups(runs) if isinstance(i, list)]
+        if groups:
+            click.echo(f"{sum(groups)} of them in {len(groups)} groups of up to {max(groups)} runs per step "
+                       "(--group)")
         return
     ray_options = {"address": address, "cpus_per_run": cpus_per_run, "gpus_per_run": gpus_per_run or 0.0,
                    "start_timeout_s": ray_start_timeout or DEFAULT_RAY_START_TIMEOUT_S}

@@ -14,12 +14,13 @@ tolerance (batched matmuls round differently; tests/test_group.py checks it). A 
 has a ``group_loss`` (today the retrieval family); other runs, and memories with parameters, buffers or random
 features of their own (``group_blocker``), train one after another in their group's worker.
 
-``train.group`` (``run --group N``) sets the group size; ``"auto"`` is ``GROUP_AUTO`` on a GPU and 1 on the
-CPU, where ``bench --group`` measured no gain for one single-threaded worker per core (README, "Performance").
+``train.group`` (``run --group N``) sets the group size; ``"auto"`` is ``GROUP_AUTO`` on a GPU and, on the CPU,
+``CPU_GROUP_AUTO`` for small steps only, where ``bench --group`` measured a gain (``group_size``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -32,19 +33,34 @@ log = logging.getLogger(__name__)
 
 #: runs per group where ``train.group = "auto"`` and the runs train on a GPU
 GROUP_AUTO = 16
+#: on the CPU, ``"auto"`` groups this many runs where a training step holds at most CPU_GROUP_MAX_TOKENS
+#: written pairs (batch_size · seq_len): there a step is bound by per-op overhead, and a group of 4 took
+#: 2.2-3.4x one run's step (S = 20-32, B = 32, one thread); at S = 64 it took 2.8-4.2x, no gain (README)
+CPU_GROUP_AUTO = 8
+CPU_GROUP_MAX_TOKENS = 1024
 #: families that can train a group in one memory call (those with a ``group_loss``)
 GROUPED_FAMILIES = ("retrieval",)
 
 
 def group_size(cfg: RunConfig) -> int:
-    """How many runs ``cfg``'s group may hold: its ``train.group``, ``"auto"`` resolved by the device it names
-    (which is resolved here, on the driver: ``auto`` is a GPU where this machine has one)."""
+    """How many runs ``cfg``'s group may hold: its ``train.group``, or for ``"auto"``: ``GROUP_AUTO`` on a GPU
+    (the device is resolved here, on the driver: ``auto`` is a GPU where this machine has one); on the CPU
+    ``CPU_GROUP_AUTO`` where a step is small (batch_size · seq_len ≤ ``CPU_GROUP_MAX_TOKENS``), else 1."""
     setting = cfg.train.group
     if setting != "auto":
         return int(setting)
     from .runtime import resolve_device
 
-    return GROUP_AUTO if resolve_device(cfg.train.device, "train.device").type == "cuda" else 1
+    if resolve_device(cfg.train.device, "train.device").type == "cuda":
+        return GROUP_AUTO
+    if cfg.model.kind not in GROUPED_FAMILIES:
+        return 1
+    return CPU_GROUP_AUTO if cfg.train.batch_size * _seq_len(cfg.task) <= CPU_GROUP_MAX_TOKENS else 1
+
+
+@functools.lru_cache(maxsize=256)
+def _seq_len(task) -> int:
+    return int(task.build().seq_len)
 
 
 def shape_key(cfg: RunConfig) -> tuple | None:

@@ -7,8 +7,8 @@
 (b) one training step of the retrieval model (forward, backward, Adam, the batch moved to the device each step),
     timed CUDA-synchronised, median of several after warm-up, with peak device memory, at B = 32, d_key = 64:
     softmax, dpfp-3/sum, dpfp-3/delta, favor-512/sum at S = L = 600 (capacity) and tanh/fwm at S = 200, L = 400
-    (overwrite), FWM also without its CUDA graphs and without keeping every state; and dpfp-3/sum at
-    B = 16 x 32 (what one step of 16 grouped runs would cost);
+    (overwrite), FWM also without its CUDA graphs and without keeping every state; and a step of 16 dpfp-3/sum
+    runs trained as one stacked model (group.py), against one run's;
 (c) everything under $OUT (default ./gpu_out): gpu_steps.csv, gpu_check.log, tests.log (and tests.xml), env.json.
 
 Every part runs in its own process under a time limit, and the whole stays under ``--deadline`` seconds: a hang,
@@ -51,7 +51,7 @@ def step_configs(quick: bool) -> list[dict]:
         {"name": "dpfp-3/delta", "memory": "dpfp-3/delta", **base},
         {"name": "favor-512/sum", "memory": "favor-512/sum", **base},
         {"name": "tanh/fwm", **fwm},
-        {"name": f"dpfp-3/sum x{group}", "memory": "dpfp-3/sum", **{**base, "batch_size": group * B}},
+        {"name": f"dpfp-3/sum group of {group}", "memory": "dpfp-3/sum", **base, "group": group},
         {"name": "tanh/fwm no graphs", **fwm, "fwm_graphs": False},
         {"name": "tanh/fwm no keep-all", **fwm, "fwm_keep_all": False},
         {"name": "tanh/fwm eager, checkpoints", **fwm, "fwm_graphs": False, "fwm_keep_all": False},
@@ -78,11 +78,28 @@ def time_step(cfg: dict, device: str = "cuda", repeat: int = 20, warmup: int = 3
     tk = make_task(cfg["task"], num_keys=cfg["num_keys"])
     g = torch.Generator().manual_seed(0)
     batches = iter([tk.sample(cfg["batch_size"], g) for _ in range(warmup + repeat + 2)])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = RetrievalModel(cfg["num_keys"], cfg["memory"], d_key=cfg["d_key"], num_values=tk.num_values)
-    model.to(dev)
+    def build(seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return RetrievalModel(cfg["num_keys"], cfg["memory"], d_key=cfg["d_key"],
+                                  num_values=tk.num_values).to(dev)
+
+    model = build(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if cfg.get("group"):  # G runs as one stacked model: one forward and backward, each run's own Adam
+        from retrieval_bench.families.retrieval import RetrievalFamily
+
+        fam, runs = RetrievalFamily(), [(m, torch.optim.Adam(m.parameters(), lr=1e-3))
+                                        for m in map(build, range(cfg["group"]))]
+        batches = iter([[tk.sample(cfg["batch_size"], g) for _ in runs] for _ in range(warmup + repeat + 2)])
+
+    def group_step():
+        bs = [type(b)(*(t.to(dev) for t in (b.keys, b.values, b.query, b.target))) for b in next(batches)]
+        for _, o in runs:
+            o.zero_grad(set_to_none=True)
+        fam.group_loss([m for m, _ in runs], bs).sum().backward()
+        for _, o in runs:
+            o.step()
 
     def step():
         b = next(batches)  # generated on the host, moved once per step: what a run on the device does
@@ -92,6 +109,7 @@ def time_step(cfg: dict, device: str = "cuda", repeat: int = 20, warmup: int = 3
         loss.backward()
         opt.step()
 
+    step = group_step if cfg.get("group") else step
     times = runtime.time_calls(step, dev, repeat=repeat, warmup=warmup, budget_s=budget_s)
     peak_mb = runtime.peak_memory_increase_mb(step, dev)
     runtime.reset_peak_memory(dev)
@@ -198,7 +216,7 @@ def run_steps(args, configs: list[dict], deadline: float, log: Log, csv_path: Pa
                 why = "timed out" if rc is None else f"exit {rc}"
                 row["status"] = f"failed: {why}: " + " | ".join(text.strip().splitlines()[-3:])[-300:]
         target = TARGET_MS.get(row["name"])
-        if row["name"].startswith("dpfp-3/sum x"):
+        if row["name"].startswith("dpfp-3/sum group of"):
             one = next((r for r in rows if r["name"] == "dpfp-3/sum" and r.get("ms_median")), None)
             target = one["ms_median"] * GROUP_TARGET_RATIO if one else None
         row["target_ms"] = target

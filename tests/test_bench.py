@@ -138,3 +138,16 @@ def test_bench_refuses_a_device_it_cannot_use(tmp_path):
     assert not db.exists()
     result = CliRunner().invoke(bench_command, ["--memory", "softmax", "--device", "tpu"])
     assert result.exit_code == 2 and "unknown device" in result.output, result.output
+
+
+def test_cli_times_a_group_beside_one_run_and_skips_memories_that_cannot_group():
+    args = ["--memory", "dpfp-1/sum", "--memory", "favor-8/sum", "--num-keys", "6", "--threads", "1", "--repeat",
+            "1", "--batch-size", "3", "--d-key", "8", "--no-reference", "--group", "3"]
+    result = CliRunner().invoke(bench_command, args)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    grouped = [ln for ln in lines if "group of 3" in ln]
+    assert len(grouped) == 2 and "ok" in grouped[0] and "skipped: its memory holds a state" in grouped[1]
+    assert any(ln.startswith("dpfp-1/sum S=6: a step of 3 runs takes") for ln in lines)
+    refused = CliRunner().invoke(bench_command, ["--lm", "64", "--group", "2"])
+    assert refused.exit_code == 2 and "--group" in refused.output

@@ -233,9 +233,43 @@ def check_runtime(device: torch.device) -> None:
     assert t.seconds is not None and t.seconds > 0
 
 
+def check_grouped_sweep(device: torch.device) -> None:
+    """A tiny sweep on ``device`` in groups of 4 (``train.group``): every run done, on that device, and each
+    record as the CPU trains the run alone (within float32 tolerance over a few steps)."""
+    import dataclasses
+    import io
+    import tempfile
+
+    from rich.console import Console
+
+    from retrieval_bench.config import from_dict
+    from retrieval_bench.executors import InlineExecutor
+    from retrieval_bench.store import Store
+    from retrieval_bench.sweep import run_sweep
+    from retrieval_bench.train import train_run
+
+    raw = {"name": "grouped", "seeds": [1, 2], "task": {"name": "capacity", "num_keys": 6, "eval_sequences": 4},
+           "model": {"memory": ["dpfp-1/sum", "dpfp-2/delta", "softmax"], "d_key": 8},
+           "train": {"eval_every": 5, "max_steps": 10, "batch_size": 8, "lr": [1e-3, 3e-3], "stop_loss": 0.0,
+                     "diagnostics": False, "device": str(device), "group": 4}}
+    exp = from_dict(raw)
+    with tempfile.TemporaryDirectory() as folder:
+        store = Store(f"{folder}/r.db")
+        state = run_sweep(exp, store, InlineExecutor(threads=1), live=False, console=Console(file=io.StringIO()))
+        assert state.done == 12, (state.done, state.failed)
+        rows = store.load("runs").set_index("run_id")
+    assert rows["device"].str.startswith(str(device)).all()
+    for cfg in exp.expand():
+        alone = train_run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu", group=1)))["row"]
+        got = rows.loc[cfg.run_id]
+        assert got["steps"] == alone["steps"] and got["status"] == alone["status"]
+        assert abs(got["final_loss"] - alone["final_loss"]) <= 1e-4 * abs(alone["final_loss"]) + 1e-6, (
+            cfg.model.memory, got["final_loss"], alone["final_loss"])
+
+
 def all_checks(device: torch.device) -> list[tuple[str, Callable[[], None]]]:
     """Every check as (name, thunk), in the order run_all runs them."""
-    checks = [("runtime", lambda: check_runtime(device))]
+    checks = [("runtime", lambda: check_runtime(device)), ("grouped sweep", lambda: check_grouped_sweep(device))]
     checks += [(f"fwm graphs, levels {lv}", lambda lv=lv: check_fwm_graphs(device, lv)) for lv in (0, 1, 2)]
     for spec in memory_specs():
         checks.append((f"memory {spec}", lambda spec=spec: check_memory_parity(spec, device)))
@@ -275,6 +309,9 @@ if pytest is not None:
 
     def test_runtime_on_the_device(device):
         check_runtime(device)
+
+    def test_a_grouped_sweep_on_the_device_matches_solo_cpu_runs(device):
+        check_grouped_sweep(device)
 
     @pytest.mark.parametrize("levels", [0, 1, 2], ids=["keep-all", "one-level", "two-levels"])
     def test_fwm_graphs_equal_eager_and_the_cpu_loop(device, levels):

@@ -22,7 +22,7 @@ import torch
 from retrieval_bench.config import from_dict
 from retrieval_bench.executors import InlineExecutor, LocalExecutor, execute
 from retrieval_bench.families.retrieval import RetrievalFamily
-from retrieval_bench.group import form_groups, group_size, shape_key, train_group
+from retrieval_bench.group import CPU_GROUP_AUTO, form_groups, group_size, shape_key, train_group
 from retrieval_bench.store import Store
 from retrieval_bench.sweep import run_sweep
 from retrieval_bench.train import _Run, train_run
@@ -167,12 +167,17 @@ def test_groups_are_halved_until_every_worker_has_one():
     assert form_groups(cfgs, workers=20) == cfgs
 
 
-def test_group_auto_is_one_on_the_cpu_and_alone_means_no_group():
-    cpu = runs(device="cpu")
-    assert group_size(cpu[0]) == 1 and form_groups(cpu) == cpu
+def test_group_auto_on_the_cpu_groups_small_steps_only_and_one_means_alone():
+    small, large = runs(device="cpu"), runs(device="cpu", num_keys=64, batch_size=32)  # 48 and 2048 pairs a step
+    assert group_size(small[0]) == CPU_GROUP_AUTO and [len(i) for i in form_groups(small)] == [4]
+    assert group_size(large[0]) == 1 and form_groups(large) == large
     assert form_groups(runs(group=1)) == runs(group=1)
+    overwrite = from_dict({"name": "o", "task": {"name": "overwrite", "num_keys": 20},  # L = 2S = 40
+                           "model": {"memory": "linear/sum", "d_key": 8},
+                           "train": {"batch_size": 32, "device": "cpu"}}).expand()[0]
+    assert group_size(overwrite) == 1  # 32 · 40 pairs
     if not torch.cuda.is_available():
-        assert group_size(runs()[0]) == 1
+        assert group_size(runs()[0]) == CPU_GROUP_AUTO
 
 
 # --- sweeps: the store, a dead worker, a killed driver ---------------------------------------------------------
@@ -273,3 +278,21 @@ def test_a_killed_driver_keeps_the_runs_its_groups_finished(tmp_path, tiny_exper
     assert set(kept["run_id"]) <= set(runs_["run_id"]) and runs_["run_id"].is_unique
     after = runs_.set_index("run_id")["final_loss"]
     assert (after[kept["run_id"]].values == kept["final_loss"].values).all()  # kept, not redone
+
+
+def test_cli_group_option_sets_the_groups_and_refuses_nonsense(tiny_experiment):
+    from click.testing import CliRunner
+
+    from retrieval_bench.cli import main
+
+    toml = str(tiny_experiment.toml(seeds=[1, 2, 3], model={"memory": ["linear/sum", "softmax"]}))
+    out = CliRunner().invoke(main, ["run", toml, "--dry-run", "--group", "2"])
+    assert out.exit_code == 0, out.output
+    assert "6 runs in experiment" in out.output and "4 of them in 2 groups of up to 2 runs" in out.output  # 3 = 2 + 1 per shape
+    alone = CliRunner().invoke(main, ["run", toml, "--dry-run", "--group", "1"])
+    assert alone.exit_code == 0 and "groups" not in alone.output
+    for bad in ("0", "x", "-2"):
+        refused = CliRunner().invoke(main, ["run", toml, "--dry-run", "--group", bad])
+        assert refused.exit_code == 2 and "--group" in refused.output, (bad, refused.output)
+    broken = CliRunner().invoke(main, ["run", toml, "--dry-run", "--set", "train.group=0"])
+    assert broken.exit_code == 2 and "train.group: must be 'auto' or a number of runs >= 1" in broken.output
