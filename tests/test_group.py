@@ -288,7 +288,8 @@ def test_cli_group_option_sets_the_groups_and_refuses_nonsense(tiny_experiment):
     toml = str(tiny_experiment.toml(seeds=[1, 2, 3], model={"memory": ["linear/sum", "softmax"]}))
     out = CliRunner().invoke(main, ["run", toml, "--dry-run", "--group", "2"])
     assert out.exit_code == 0, out.output
-    assert "6 runs in experiment" in out.output and "4 of them in 2 groups of up to 2 runs" in out.output  # 3 = 2 + 1 per shape
+    assert "6 runs in experiment" in out.output  # 3 of each shape: a group of 2 and a run alone
+    assert "4 of them in 2 groups of up to 2 runs" in out.output
     alone = CliRunner().invoke(main, ["run", toml, "--dry-run", "--group", "1"])
     assert alone.exit_code == 0 and "groups" not in alone.output
     for bad in ("0", "x", "-2"):
