@@ -130,7 +130,7 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
         raise click.BadParameter("applies to the retrieval model only; with --lm the reference loop runs up to "
                                  "T = 256", param_hint="'--reference-max-gib'")
     if lm_lengths and group:
-        raise click.BadParameter("applies to the retrieval model only (language models train alone)",
+        raise click.BadParameter("times the retrieval model only (not yet with --lm)",
                                  param_hint="'--group'")
     if chunkwise and where.type != "cpu":
         raise click.BadParameter("the chunkwise throughput is measured on the CPU only", param_hint="'--chunkwise'")

@@ -11,8 +11,10 @@ part in (the shared forward and backward split evenly) plus its own evaluations.
 
 A run's record does not depend on its group: the same curves, losses, steps and status as alone, within float
 tolerance (batched matmuls round differently; tests/test_group.py checks it). A family groups its runs where it
-has a ``group_loss`` (today the retrieval family); other runs, and memories with parameters, buffers or random
-features of their own (``group_blocker``), train one after another in their group's worker.
+has a ``group_loss``: the retrieval model, and the language model (its embedding, norms, convolution,
+projections and MLP stacked, each layer's memory read for G·B sequences, its head and loss per run). Memories
+with parameters, buffers or random features of their own (``group_blocker``) train one after another in their
+group's worker.
 
 ``train.group`` (``run --group N``) sets the group size; ``"auto"`` is ``GROUP_AUTO`` on a GPU and, on the CPU,
 ``CPU_GROUP_AUTO`` for small steps only, where ``bench --group`` measured a gain (``group_size``).
@@ -39,7 +41,7 @@ GROUP_AUTO = 16
 CPU_GROUP_AUTO = 8
 CPU_GROUP_MAX_TOKENS = 1024
 #: families that can train a group in one memory call (those with a ``group_loss``)
-GROUPED_FAMILIES = ("retrieval",)
+GROUPED_FAMILIES = ("retrieval", "lm")
 
 
 def group_size(cfg: RunConfig) -> int:

@@ -101,18 +101,22 @@ class Mixer(nn.Module):
 
     def inputs(self, h: torch.Tensor) -> MixerInputs:
         """The memory's inputs for the normalised block input h (B, T, d_model)."""
-        B, T, D = h.shape
-        H = self.n_heads
         if self.conv is not None:
             h = self.conv(h)
+        return self.split(self.qkv(h), None if self.gate is None else torch.sigmoid(self.gate(h)))
+
+    def split(self, qkv: torch.Tensor, g: torch.Tensor | None) -> MixerInputs:
+        """The memory's inputs from the projections: qkv (B, T, 3·d_model) and the gates after σ, g (B, T,
+        H·Σ width) or None; heads folded into the batch. group.py calls it with G runs stacked along B."""
+        B, T = qkv.shape[:2]
+        H, D = self.n_heads, qkv.shape[-1] // 3
 
         def fold(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, d) -> (B·H, T, d)
             return x.transpose(1, 2).reshape(B * H, T, -1)
 
-        q, k, v = self.qkv(h).reshape(B, T, 3, H, D // H).unbind(2)  # each (B, T, H, D/H)
+        q, k, v = qkv.reshape(B, T, 3, H, D // H).unbind(2)  # each (B, T, H, D/H)
         gates = {}
-        if self.gate is not None:
-            g = torch.sigmoid(self.gate(h))  # (B, T, H·Σ width)
+        if g is not None:  # (B, T, H·Σ width)
             if all(w == 1 for w in self.gate_widths.values()):
                 # scalar gates: the same blocks read as (B, T, G, H), the autograd path (and so the bias
                 # gradient's summation order, bit for bit) the stored runs were trained with

@@ -36,6 +36,19 @@ def to_device(batch: Any, device: torch.device) -> Any:
                                          if isinstance(getattr(batch, f.name), torch.Tensor)})
 
 
+def memory_blocker(mem) -> str | None:
+    """Why runs cannot share calls of the memory ``mem`` (group.py), or None where they can: it must hold nothing
+    of a run's own (no parameters, no buffers, no random draws of its feature map)."""
+    from ..feature_maps import FeatureMap
+
+    phi = getattr(mem, "phi", None)
+    seeded = phi is not None and (type(phi).seed is not FeatureMap.seed
+                                  or type(phi).begin_call is not FeatureMap.begin_call)
+    if seeded or any(True for _ in mem.parameters()) or any(True for _ in mem.buffers()):
+        return "its memory holds a state of its own (parameters, buffers or random draws)"
+    return None
+
+
 @dataclass
 class Evaluation:
     """One evaluation: the loss and accuracy the protocol uses, and what the family records beside them.

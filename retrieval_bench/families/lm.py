@@ -26,7 +26,7 @@ import torch
 from ..config import RunConfig
 from ..lm import IGNORE_INDEX, CausalLM, lm
 from ..memories import memory_options
-from . import Evaluation, to_device
+from . import Evaluation, memory_blocker, to_device
 
 _EVAL_CHUNK_TOKENS = 1 << 16  # at most this many tokens per evaluation forward
 
@@ -35,6 +35,33 @@ def query_logits(model: CausalLM, tokens: torch.Tensor, mask: torch.Tensor) -> t
     """Logits at the query positions only: tokens (B, T), mask (B, T) bool -> (n, vocab), row order of
     ``mask.nonzero()``. Equal to ``model(tokens)[mask]`` without the (B, T, vocab) tensor."""
     return model(tokens, mask=mask)
+
+
+def _linear(x: torch.Tensor, lins: list[torch.nn.Linear]) -> torch.Tensor:
+    """Each run's linear layer on its own rows: x (G, N, in) -> (G, N, out)."""
+    w = torch.stack([lin.weight for lin in lins]).transpose(1, 2)  # (G, in, out)
+    if lins[0].bias is None:
+        return torch.bmm(x, w)
+    return torch.baddbmm(torch.stack([lin.bias for lin in lins])[:, None, :], x, w)
+
+
+def _norm(x: torch.Tensor, norms: list[torch.nn.LayerNorm]) -> torch.Tensor:
+    """Each run's LayerNorm on its own rows: x (G, N, D)."""
+    y = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=norms[0].eps)
+    return torch.addcmul(torch.stack([n.bias for n in norms])[:, None, :], y,
+                         torch.stack([n.weight for n in norms])[:, None, :])
+
+
+def _conv(x: torch.Tensor, convs: list[torch.nn.Conv1d], B: int, T: int) -> torch.Tensor:
+    """Each run's causal depthwise convolution: x (G, B·T, D) -> (G, B·T, D), as one convolution of G·D
+    channels."""
+    G, _, D = x.shape
+    k = convs[0].kernel_size[0]
+    inp = x.reshape(G, B, T, D).permute(1, 0, 3, 2).reshape(B, G * D, T)
+    w = torch.stack([c.weight for c in convs]).reshape(G * D, 1, k)
+    b = torch.stack([c.bias for c in convs]).reshape(G * D)
+    y = torch.nn.functional.conv1d(inp, w, b, padding=k - 1, groups=G * D)[..., :T]  # (B, G·D, T)
+    return y.reshape(B, G, D, T).permute(1, 0, 3, 2).reshape(G, B * T, D)
 
 
 class LMFamily:
@@ -67,6 +94,48 @@ class LMFamily:
     def train_loss(self, model: CausalLM, batch) -> torch.Tensor:
         mask = batch.targets != IGNORE_INDEX  # (B, T)
         return torch.nn.functional.cross_entropy(query_logits(model, batch.tokens, mask), batch.targets[mask])
+
+    def group_blocker(self, model: CausalLM) -> str | None:
+        """Why runs of this model cannot train as one stacked model (group.py), or None where they can."""
+        for mem in model.memories:
+            why = memory_blocker(mem)
+            if why is not None:
+                return why
+        return None
+
+    def group_loss(self, models: list[CausalLM], batches: list) -> torch.Tensor:
+        """The training losses (G,) of G runs of one shape, each on its own batch, the memory of each layer read
+        for all G·B sequences in one call. Each run's embedding, norms, convolution, projections and MLP are
+        stacked along a leading run axis (batched matmuls); its output head and loss are its own. Each loss
+        depends on its own run's parameters only."""
+        m0, G = models[0], len(models)
+        tokens = torch.stack([b.tokens for b in batches])  # (G, B, T)
+        targets = torch.stack([b.targets for b in batches])
+        B, T = tokens.shape[1:]
+        V, D = m0.vocab_size, m0.d_model
+        run = torch.arange(G, device=tokens.device)[:, None, None]
+        x = torch.nn.functional.embedding(tokens + run * V, torch.stack([m.embed.weight for m in models])
+                                          .reshape(G * V, D)).reshape(G, B * T, D)
+        for i, blk in enumerate(m0.blocks):
+            blocks = [m.blocks[i] for m in models]
+            mix = blk.mixer
+            h = _norm(x, [b.norm1 for b in blocks])
+            if mix.conv is not None:
+                h = _conv(h, [b.mixer.conv.conv for b in blocks], B, T)
+            gates = None if mix.gate is None else torch.sigmoid(_linear(h, [b.mixer.gate for b in blocks]))
+            inp = mix.split(_linear(h, [b.mixer.qkv for b in blocks]).reshape(G * B, T, -1),
+                            None if gates is None else gates.reshape(G * B, T, -1))
+            y = mix.memory.causal(inp.keys, inp.values, inp.queries, inp.betas, **inp.gates)  # (G·B·H, T, D/H)
+            y = y.reshape(G * B, mix.n_heads, T, -1).transpose(1, 2).reshape(G, B * T, D)
+            x = x + _linear(y, [b.mixer.out for b in blocks])
+            if blk.mlp is not None:
+                h = _norm(x, [b.norm2 for b in blocks])
+                h = torch.nn.functional.gelu(_linear(h, [b.mlp[0] for b in blocks]))
+                x = x + _linear(h, [b.mlp[2] for b in blocks])
+        mask = targets != IGNORE_INDEX
+        x = x.reshape(G, B, T, D)
+        return torch.stack([torch.nn.functional.cross_entropy(m.head(m.norm(x[g][mask[g]])), targets[g][mask[g]])
+                            for g, m in enumerate(models)])
 
     @torch.no_grad()
     def _reads(self, model: CausalLM, ev, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..feature_maps import FeatureMap
 from ..memories import memory_options
 from ..model import RetrievalModel, retrieval_loss
-from . import Evaluation
+from . import Evaluation, memory_blocker
 
 # Streams of randomness of one run, derived from its seed so that none overlaps another. The evaluation sets
 # (one, or a fresh one at every evaluation) all come from _EVAL, so they never move the training batches.
@@ -105,13 +104,7 @@ class RetrievalFamily:
     def group_blocker(self, model: RetrievalModel) -> str | None:
         """Why runs of this model cannot share one memory call (group.py), or None where they can: the memory
         must hold nothing of a run's own (no parameters, no buffers, no random draws of its feature map)."""
-        mem = model.memory
-        phi = getattr(mem, "phi", None)
-        seeded = phi is not None and (type(phi).seed is not FeatureMap.seed
-                                      or type(phi).begin_call is not FeatureMap.begin_call)
-        if seeded or any(True for _ in mem.parameters()) or any(True for _ in mem.buffers()):
-            return "its memory holds a state of its own (parameters, buffers or random draws)"
-        return None
+        return memory_blocker(model.memory)
 
     def group_loss(self, models: list[RetrievalModel], batches: list) -> torch.Tensor:
         """The training losses (G,) of G runs of one shape, each on its own batch, in one memory call.
