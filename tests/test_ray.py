@@ -111,7 +111,8 @@ def _dying_job(marker_dir: str, die_once: str, die_always: str, raises: str):
 def test_killed_worker_is_retried_or_stored_failed(ray_session, tmp_path, tiny_experiment):
     from retrieval_bench.ray_executor import RayExecutor
 
-    exp = tiny_experiment.load(**{**ray_tiny(max_steps=20), "model": {"memory": "linear/sum"}})
+    # each run alone (group = 1): the job decides per run (tests/test_group.py and the next test cover groups)
+    exp = tiny_experiment.load(**{**ray_tiny(max_steps=20, group=1), "model": {"memory": "linear/sum"}})
     ids = [r.run_id for r in exp.expand()]
     assert len(ids) == 4
     once, always, raises = ids[0], ids[1], ids[2]
@@ -132,6 +133,36 @@ def test_killed_worker_is_retried_or_stored_failed(ray_session, tmp_path, tiny_e
     rerun = _sweep(exp, store, RayExecutor(threads_per_run=1, job=execute))
     assert (rerun.total, rerun.skipped, rerun.done) == (2, 2, 2)
     assert (_runs(store)["status"] == "done").all()
+
+
+def _group_killer():
+    """A job that kills its worker for every group and runs a run alone as usual (a closure: Ray ships it)."""
+
+    def job(item, progress_queue=None):
+        import os
+
+        from retrieval_bench.executors import execute
+
+        if isinstance(item, list):
+            os._exit(1)
+        return execute(item, progress_queue)
+
+    return job
+
+
+@pytest.mark.slow
+def test_a_group_lost_on_ray_stores_each_of_its_runs_failed_and_a_rerun_trains_them(ray_session, tmp_path,
+                                                                                    tiny_experiment):
+    from retrieval_bench.ray_executor import RayExecutor
+
+    exp = tiny_experiment.load(**{**ray_tiny(max_steps=20, group=2), "model": {"memory": "linear/sum"}})
+    store = Store(tmp_path / "runs.db")
+    state = _sweep(exp, store, RayExecutor(threads_per_run=1, max_retries=0, job=_group_killer()))
+    runs = _runs(store)
+    assert len(runs) == 4 and (state.failed, state.done) == (4, 0)  # two groups of two, each lost
+    assert runs["error"].str.contains("WorkerCrashedError").all()
+    rerun = _sweep(exp, store, RayExecutor(threads_per_run=1, job=execute))
+    assert (rerun.total, rerun.done) == (4, 4) and (_runs(store)["status"] == "done").all()
 
 
 @pytest.mark.slow
