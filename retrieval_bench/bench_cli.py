@@ -37,14 +37,16 @@ def format_table(rows: list[dict]) -> str:
 
 def group_lines(rows: list[dict]) -> list[str]:
     """Per memory and size with a timed group: its step against one run's, and the time per run."""
-    fast = {(r["memory"], r["num_keys"]): r for r in rows if r["form"] == "fast"}
+    size = "num_keys" if rows and "num_keys" in rows[0] else "seq_len"  # S, or T with --lm
+    fast = {(r["memory"], r[size]): r for r in rows if r["form"] == "fast"}
     out = []
     for r in rows:
-        one = fast.get((r["memory"], r["num_keys"]))
+        one = fast.get((r["memory"], r[size]))
         if not r["form"].startswith("group of ") or r["ms_step"] is None or one is None or not one["ms_step"]:
             continue
         n = int(r["form"].rsplit(" ", 1)[1])
-        out.append(f"{r['memory']} S={r['num_keys']}: a step of {n} runs takes {r['ms_step'] / one['ms_step']:.2f}x "
+        out.append(f"{r['memory']} {'S' if size == 'num_keys' else 'T'}={r[size]}: a step of {n} runs takes "
+                   f"{r['ms_step'] / one['ms_step']:.2f}x "
                    f"one run's ({r['ms_step'] / n:.2f} ms per run against {one['ms_step']:.2f})")
     return out
 
@@ -109,7 +111,7 @@ _POSITIVE = click.IntRange(min=1)
                    "memory (torch.cuda.max_memory_allocated).")
 @click.option("--group", type=click.IntRange(min=2), default=None, metavar="N",
               help="Also time a training step of N runs of each memory trained as one stacked model (run "
-                   "--group), beside the step of one run.")
+                   "--group), beside the step of one run (with --lm too).")
 def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
                   chunkwise, lm_lengths, reference_max_gib, device, group):
     """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
@@ -129,9 +131,6 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
     if lm_lengths and reference_max_gib != 2.0:
         raise click.BadParameter("applies to the retrieval model only; with --lm the reference loop runs up to "
                                  "T = 256", param_hint="'--reference-max-gib'")
-    if lm_lengths and group:
-        raise click.BadParameter("times the retrieval model only (not yet with --lm)",
-                                 param_hint="'--group'")
     if chunkwise and where.type != "cpu":
         raise click.BadParameter("the chunkwise throughput is measured on the CPU only", param_hint="'--chunkwise'")
     store = None
@@ -146,8 +145,10 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
         from .bench_lm import format_lm_table, run_lm_bench
 
         rows = run_lm_bench(list(memories), list(lm_lengths), threads=threads, repeat=repeat, device=where,
-                            reference_max_len=0 if no_reference else 256)
+                            reference_max_len=0 if no_reference else 256, group=group or 0)
         click.echo(format_lm_table(rows))
+        for line in group_lines(rows):
+            click.echo(line)
     else:
         from . import bench
 
