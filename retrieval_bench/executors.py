@@ -6,6 +6,7 @@ writes the store. ``Executor.run`` yields results as runs finish and reports liv
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -53,9 +54,10 @@ def setup_worker(threads: int, driver_pid: int | None = None) -> None:
 
 
 _progress_queue = None  # in a pool worker: where its runs report progress (set by ``_setup_pool_worker``)
+_spool_dir = None  # in a pool worker: where a group's finished records go (set by ``_setup_pool_worker``)
 
 
-def _setup_pool_worker(threads: int, driver_pid: int, progress_queue) -> None:
+def _setup_pool_worker(threads: int, driver_pid: int, progress_queue, spool_dir: str | None = None) -> None:
     """A local pool's worker: ``setup_worker``, SIGINT ignored (Ctrl-C in a terminal reaches the whole process
     group; the driver alone decides, and stops its workers), and the progress queue it inherits at its start.
 
@@ -66,8 +68,8 @@ def _setup_pool_worker(threads: int, driver_pid: int, progress_queue) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    global _progress_queue
-    _progress_queue = progress_queue
+    global _progress_queue, _spool_dir
+    _progress_queue, _spool_dir = progress_queue, spool_dir
     setup_worker(threads, driver_pid)
 
 
@@ -135,7 +137,51 @@ class Delivered:
 
 
 def _execute_in_pool(job: Callable[..., dict[str, Any]], cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    return job(cfg_dict, _progress_queue)
+    return job(cfg_dict, _SpoolingQueue(_progress_queue, _spool_dir))
+
+
+class _SpoolingQueue:
+    """A pool worker's progress queue: progress events (a few hundred bytes, written to the pipe in one piece)
+    go to the queue; a finished run's record (``{"run_id", "result"}``, up to megabytes) goes to a file of the
+    spool folder, written under a temporary name and renamed into place, so that the driver reads whole records
+    only, and a worker killed while writing one cannot leave half a message in the pipe (the driver would wait
+    on it for ever)."""
+
+    def __init__(self, queue, spool: str | None):
+        self.queue, self.spool = queue, spool
+
+    def put(self, event: dict[str, Any]) -> None:
+        if "result" not in event or self.spool is None:
+            self.queue.put(event)
+            return
+        import pickle
+
+        path = os.path.join(self.spool, f"{event['run_id']}.{os.getpid()}")
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(event["result"], f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(path + ".tmp", path + ".pkl")
+
+
+def read_spool(spool: str | None) -> list[dict[str, Any]]:
+    """The records in the spool folder (each read once: its file is removed)."""
+    import pickle
+
+    if spool is None or not os.path.isdir(spool):
+        return []
+    records = []
+    for name in sorted(os.listdir(spool)):
+        if not name.endswith(".pkl"):
+            continue
+        path = os.path.join(spool, name)
+        try:
+            with open(path, "rb") as f:
+                records.append(pickle.load(f))
+        except (OSError, EOFError, pickle.UnpicklingError) as e:  # renamed whole, so this is not expected
+            log.warning("a spooled record could not be read (%s); its run is redone", e)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    return records
 
 
 class Executor:
@@ -219,19 +265,25 @@ class LocalExecutor(Executor):
         # spawn, not fork: a forked child inherits the parent's torch thread pools, which can deadlock.
         self._ctx = mp.get_context("spawn")
         self._current = None  # the pool in use and its queue
+        self.spool: str | None = None  # during run: the folder where workers leave a group's finished records
 
     def _pool(self):
         """A fresh pool with a fresh progress queue: a worker killed while writing may leave a queue's lock
         held, so a restarted pool never shares its predecessor's queue."""
         pq = self._ctx.SimpleQueue()
         pool = ProcessPoolExecutor(self.workers, mp_context=self._ctx, initializer=_setup_pool_worker,
-                                   initargs=(self.threads, os.getpid(), pq))
+                                   initargs=(self.threads, os.getpid(), pq, self.spool))
         self._current = (pool, pq)
         return pool, pq
 
     def run(self, configs, on_start=None, on_progress=None):
-        runs = _PoolRuns(self, list(configs), on_start, on_progress)
+        import shutil
+        import tempfile
+
+        self.spool = tempfile.mkdtemp(prefix="retrieval-bench-spool-")
+        runs = None
         try:
+            runs = _PoolRuns(self, list(configs), on_start, on_progress)
             while runs.unfinished():
                 lost = runs.submit()
                 if lost is None:  # every submission went in: wait a moment for results
@@ -242,12 +294,16 @@ class LocalExecutor(Executor):
                     if not lost:
                         continue
                 failed = runs.restart(lost)
+                yield from runs.take_spooled()  # what the lost workers had finished, read before the rerun
                 if failed is not None:
                     yield failed
-            yield from runs.delivered.new(_drain(runs.pq, on_progress))
+            yield from runs.delivered.new(_drain(runs.pq, on_progress) + read_spool(self.spool))
         finally:
-            _stop(runs.pool, runs.pq)
+            if runs is not None:
+                _stop(runs.pool, runs.pq)
             self._current = None
+            shutil.rmtree(self.spool, ignore_errors=True)
+            self.spool = None
 
     def close(self) -> None:
         """Stop the workers of a sweep that did not finish (Ctrl-C while the driver was elsewhere)."""
@@ -270,6 +326,7 @@ class _PoolRuns:
         self.pending: dict[Future, Any] = {}
         self.alone = False  # whether the one run in flight is an isolated one
         self.delivered = Delivered()
+        self.spooled: list[dict[str, Any]] = []  # records read by ``restart``, not yet handed on
         self.pool, self.pq = executor._pool()
 
     def unfinished(self) -> bool:
@@ -299,7 +356,8 @@ class _PoolRuns:
         """Wait up to 0.5 s for runs to end: (their results, the runs lost with a broken pool, the first other
         error a run raised, which the caller raises once the results before it are stored)."""
         done, _ = wait(list(self.pending), timeout=0.5, return_when=FIRST_COMPLETED)
-        results, lost, error = self.delivered.new(_drain(self.pq, self.on_progress)), [], None
+        results = self.delivered.new(_drain(self.pq, self.on_progress) + read_spool(self.executor.spool))
+        lost, error = [], None
         for fut in done:
             cfg = self.pending.pop(fut)
             try:
@@ -310,14 +368,21 @@ class _PoolRuns:
                 error = error or e
         return results, lost, error
 
+    def take_spooled(self) -> list[dict[str, Any]]:
+        spooled, self.spooled = self.spooled, []
+        return spooled
+
     def restart(self, lost: list) -> dict[str, Any] | None:
         """A dead worker poisons the whole pool, and every run still in flight is lost with it: start a fresh
         pool and decide what to rerun. Returns the ``failed`` record of a run out of retries, else None."""
+        log.warning("a worker process died; restarting the pool")
+        _stop(self.pool, self.pq)
+        # the records the lost groups had finished: stored, not rerun (their files are whole or absent)
+        self.spooled += self.delivered.new(read_spool(self.executor.spool))
+        lost = [c for item in lost for c in self.delivered.remaining(item)]
         for item in self.pending.values():  # a group in flight: its runs not yet stored, each alone
             lost += self.delivered.remaining(item)
         self.pending.clear()
-        log.warning("a worker process died; restarting the pool")
-        _stop(self.pool, self.pq)
         self.pool, self.pq = self.executor._pool()
         if not (self.alone and len(lost) == 1):  # any of them may be the cause: rerun each alone
             self.isolate[:0] = lost

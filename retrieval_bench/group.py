@@ -44,16 +44,22 @@ CPU_GROUP_MAX_TOKENS = 1024
 GROUPED_FAMILIES = ("retrieval", "lm")
 
 
-def group_size(cfg: RunConfig) -> int:
+def group_size(cfg: RunConfig, device: str | None = None) -> int:
     """How many runs ``cfg``'s group may hold: its ``train.group``, or for ``"auto"``: ``GROUP_AUTO`` on a GPU
     (the device is resolved here, on the driver: ``auto`` is a GPU where this machine has one); on the CPU
     ``CPU_GROUP_AUTO`` where a step is small (batch_size · seq_len ≤ ``CPU_GROUP_MAX_TOKENS``), else 1."""
     setting = cfg.train.group
     if setting != "auto":
         return int(setting)
-    from .runtime import resolve_device
+    setting = str(cfg.train.device).strip().lower()
+    if setting == "auto":
+        if device is None:
+            from .runtime import resolve_device
 
-    if resolve_device(cfg.train.device, "train.device").type == "cuda":
+            setting = resolve_device("auto").type
+        else:
+            setting = str(device)
+    if setting.startswith("cuda"):
         return GROUP_AUTO
     if cfg.model.kind not in GROUPED_FAMILIES:
         return 1
@@ -74,29 +80,47 @@ def shape_key(cfg: RunConfig) -> tuple | None:
     return (cfg.task, cfg.model, t.batch_size, str(t.device).strip().lower(), t.group)
 
 
-def form_groups(runs: Sequence[RunConfig], workers: int = 1) -> list[RunConfig | list[RunConfig]]:
+def form_groups(runs: Sequence[RunConfig], workers: int = 1, device: str | None = None
+                ) -> list[RunConfig | list[RunConfig]]:
     """The work items of a sweep: each run alone, or a list of up to ``group_size`` runs of one shape.
 
     Order is kept as far as it can be: a group stands where its first run stood. Where there would be fewer
-    items than ``workers``, the largest groups are halved until every worker has one (or every run is alone).
-    A group of one is a run."""
-    items = _fill_groups(runs)
-    while len(items) < workers:
-        big = max(range(len(items)), key=lambda i: len(items[i]) if isinstance(items[i], list) else 1, default=None)
-        if big is None or not isinstance(items[big], list) or len(items[big]) < 2:
+    items than ``workers``, groups are split (``spread``). ``device`` is where the runs will train when it is
+    known better than their setting says (a Ray task given GPUs: ``"cuda"``); it decides ``"auto"``. A group of
+    one is a run."""
+    return spread(_fill_groups(runs, device), workers)
+
+
+def spread(items: list, workers: int) -> list:
+    """``items`` with groups split evenly until there are ``workers`` items (or every run is alone): each split
+    goes to the group whose parts are largest, so 8 runs for 3 workers become 3, 3 and 2."""
+    parts = [1] * len(items)
+    sizes = [len(it) if isinstance(it, list) else 1 for it in items]
+    while sum(parts) < workers:
+        best = max(range(len(items)), key=lambda i: sizes[i] / parts[i], default=None)
+        if best is None or sizes[best] <= parts[best]:
             break
-        half = (len(items[big]) + 1) // 2
-        items[big:big + 1] = [items[big][:half], items[big][half:]]
-    return [it[0] if isinstance(it, list) and len(it) == 1 else it for it in items]
+        parts[best] += 1
+    out: list[Any] = []
+    for item, n, k in zip(items, sizes, parts, strict=True):
+        if not isinstance(item, list):
+            out.append(item)
+            continue
+        size, extra = divmod(n, k)
+        at = 0
+        for i in range(k):
+            out.append(item[at: at + size + (i < extra)])
+            at += size + (i < extra)
+    return [it[0] if isinstance(it, list) and len(it) == 1 else it for it in out]
 
 
-def _fill_groups(runs: Sequence[RunConfig]) -> list:
+def _fill_groups(runs: Sequence[RunConfig], device: str | None = None) -> list:
     """Runs of one shape in groups of at most their size, as even as can be (7 runs in groups of 4: 4 and 3)."""
     slots: list[Any] = []  # a run alone, or the key of a shape (its groups go where its first run stood)
     by_key: dict[tuple, list[RunConfig]] = {}
     for cfg in runs:
         key = shape_key(cfg)
-        if key is None or group_size(cfg) <= 1:
+        if key is None or group_size(cfg, device) <= 1:
             slots.append(cfg)
             continue
         if key not in by_key:
@@ -109,18 +133,13 @@ def _fill_groups(runs: Sequence[RunConfig]) -> list:
             items.append(slot)
             continue
         group = by_key[slot]
-        n = -(-len(group) // group_size(group[0]))  # how many groups
+        n = -(-len(group) // group_size(group[0], device))  # how many groups
         size, extra = divmod(len(group), n)
         at = 0
         for i in range(n):
             items.append(group[at: at + size + (i < extra)])
             at += size + (i < extra)
     return items
-
-
-def members(item: RunConfig | dict | list) -> list:
-    """The runs of a work item (a run, its stored dict, or a group of them)."""
-    return list(item) if isinstance(item, list) else [item]
 
 
 def train_group(cfgs: Sequence[RunConfig], progress: Callable[[dict[str, Any]], None] | None = None
@@ -161,15 +180,16 @@ def _blocker(runs: list) -> str | None:
     return None if why is None else f"{runs[0].cfg.model.memory}: {why}"
 
 
-def _alone(run) -> Iterator[dict[str, Any]]:
-    """One run of a group that cannot train together, trained as ``train_run`` would."""
+def _alone(run, start: int = 1, batch: Any = None) -> Iterator[dict[str, Any]]:
+    """One run of a group trained on by itself from step ``start`` (its first batch ``batch`` where it was
+    drawn already), as ``train_run`` would."""
     from .train import failed_result
 
     t0 = time.perf_counter() - run.clock
     try:
         tc = run.cfg.train
-        for step in range(1, tc.max_steps + 1):
-            if not run.train_step(step):
+        for step in range(start, tc.max_steps + 1):
+            if not run.train_step(step, batch if step == start else None):
                 break
             if (step % tc.eval_every == 0 or step == tc.max_steps) and not run.evaluate(step):
                 break
@@ -180,26 +200,38 @@ def _alone(run) -> Iterator[dict[str, Any]]:
 
 def _together(runs: list) -> Iterator[dict[str, Any]]:
     """The group's loop: one stacked forward and backward per step for every run still in it, then each run's
-    own optimizer step, evaluation and stop rule, exactly as ``train_run`` applies them."""
+    own optimizer step, evaluation and stop rule, exactly as ``train_run`` applies them. Where a group step
+    fails (out of memory, say), each run still in the group goes on alone from that step, with the batch it had
+    drawn for it, so that its record is what it would have been."""
     from .families import to_device
     from .train import failed_result
 
     fam, device = runs[0].fam, runs[0].device
+    for r in runs:
+        r.group = len(runs)
     active, step = list(runs), 0
     while active:
         step += 1
         t = time.perf_counter()
+        batches: list[Any] = []
         try:
-            batches = [r.batch() for r in active]
+            for r in active:
+                batches.append(r.batch())
+                fam.check_batch(r.model, batches[-1])
             for r in active:
                 r.opt.zero_grad(set_to_none=True)
             losses = fam.group_loss([r.model for r in active], [to_device(b, device) for b in batches])
             losses.sum().backward()
             values = losses.tolist()
-        except Exception:
-            err = traceback.format_exc()
-            for r in active:
-                yield failed_result(r.cfg, err, r.clock + time.perf_counter() - t)
+        except Exception as e:
+            log.warning("a step of a group of %d runs failed (%s: %s); each goes on alone", len(active),
+                        type(e).__name__, e)
+            share = (time.perf_counter() - t) / len(active)
+            batches += [None] * (len(active) - len(batches))
+            for r, b in zip(active, batches, strict=True):
+                r.clock += share
+                r.opt.zero_grad(set_to_none=True)
+                yield from _alone(r, step, b)
             return
         share = (time.perf_counter() - t) / len(active)
         still = []
@@ -212,11 +244,13 @@ def _together(runs: list) -> Iterator[dict[str, Any]]:
                 if go and (step % tc.eval_every == 0 or step == tc.max_steps):
                     go = r.evaluate(step)
                 go = go and step < tc.max_steps
-                r.clock += time.perf_counter() - t_own
-                if go:
-                    still.append(r)
-                else:
-                    yield r.result(time.perf_counter() - r.clock)
+                record = None if go else r.result(t_own - r.clock)  # its wall time: its clock and this
             except Exception:
                 yield failed_result(r.cfg, traceback.format_exc(), r.clock + time.perf_counter() - t_own)
+                continue
+            r.clock += time.perf_counter() - t_own
+            if go:
+                still.append(r)
+            else:
+                yield record
         active = still

@@ -264,6 +264,12 @@ class RayExecutor(Executor):
         return capacity(ray.cluster_resources(), self.threads, self.gpus)
 
     @property
+    def device_hint(self) -> str:
+        """Where a run with ``device = "auto"`` trains here: on a GPU where runs reserve GPUs, else the CPU
+        (``on_cpu_unless_given_gpus``); the sweep sizes ``group = "auto"`` by it."""
+        return "cuda" if self.gpus > 0 else "cpu"
+
+    @property
     def workers(self) -> int:
         """Runs in flight at once (what the live view reports as workers)."""
         return self._capacity() if ray.is_initialized() else 1
@@ -277,6 +283,9 @@ class RayExecutor(Executor):
         self._connect()
         if self.gpus and not ray.cluster_resources().get("GPU"):
             raise ValueError(f"--gpus-per-run {self.gpus:g}: the Ray cluster has no GPUs")
+        from .group import spread
+
+        todo = spread(todo, self._capacity())  # groups split until the cluster's every slot has work
         remote = ray.remote(_task).options(num_cpus=self.threads, num_gpus=self.gpus, max_retries=self.max_retries,
                                            name="retrieval-bench-run")
         progress = None
@@ -301,18 +310,29 @@ class RayExecutor(Executor):
                         ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
                 yield from delivered.new(self._drain(on_progress))
                 for ref in ready:
-                    yield from delivered.new(self._result(ref, pending.pop(ref)))
+                    item = pending.pop(ref)
+                    result = self._result(ref, item, lost_ok=isinstance(item, list))
+                    if result is None:  # a group lost with its worker: its unfinished runs again, each alone
+                        todo[:0] = delivered.remaining(item)
+                        continue
+                    yield from delivered.new(result)
             yield from delivered.new(self._drain(on_progress))
         finally:
             self._cancel_pending()
             self._stop_progress()
 
-    def _result(self, ref, cfg: dict[str, Any] | list) -> dict[str, Any] | list[dict[str, Any]]:
-        """A task's record (a group's: their list); a task Ray lost gives each of its runs a ``failed`` record
-        (a group's runs already streamed keep theirs: the driver drops the duplicates)."""
+    def _result(self, ref, cfg: dict[str, Any] | list, lost_ok: bool = False
+                ) -> dict[str, Any] | list[dict[str, Any]] | None:
+        """A task's record (a group's: their list). A task Ray lost gives its run a ``failed`` record; with
+        ``lost_ok`` (a group), None instead, and the driver reruns the group's unfinished runs one by one, so
+        that only a run that kills its worker alone is stored ``failed``."""
         try:
             result = ray.get(ref)
         except RayError as e:  # the worker died after its retries, the node was lost, or the job raised
+            if lost_ok and not isinstance(e, RayTaskError):
+                log.warning("a group of %d runs was lost on Ray (%s); its unfinished runs train alone",
+                            len(cfg), type(e).__name__)
+                return None
             from .train import failed_result
 
             log.warning("run %s failed on Ray: %s", ", ".join(run_ids(cfg)), type(e).__name__)

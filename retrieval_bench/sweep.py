@@ -101,7 +101,7 @@ def run_sweep(exp: Experiment, store: Store, executor: Executor, rerun: bool = F
             state.running[ev["run_id"]].update(step=ev["step"], eval_loss=ev["eval_loss"])
 
     view = Live(get_renderable=state.render, console=console, refresh_per_second=4, transient=True)
-    items = form_groups(todo, workers=state.workers)
+    items = form_groups(todo, workers=state.workers, device=getattr(executor, "device_hint", None))
     with view if use_live else _Null() as lv:
         for result in executor.run(items, on_start, on_progress):
             row = result["row"]

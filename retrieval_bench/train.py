@@ -92,14 +92,17 @@ class _Run:
         self.status, self.reason, self.step, self.train_sum, self.grad_norm = "done", "max_steps", 0, 0.0, 0.0
         self.first_bad, self.n_evals = None, 0  # the first step with a non-finite value (nonfinite = "continue")
         self.clock = 0.0  # seconds of work that are this run's (group.py: its share of each group step)
+        self.group = 1  # how many runs it trained with (group.py), stored as the config's train.group
 
     def batch(self) -> Any:
         """The run's next training batch, drawn from its own generator on the host."""
         return self.task.sample(self.cfg.train.batch_size, self.train_gen)
 
-    def train_step(self, step: int) -> bool:
-        """One optimizer step on a fresh batch; False where a non-finite loss ends the run."""
-        loss = self.fam.train_loss(self.model, to_device(self.batch(), self.device))
+    def train_step(self, step: int, batch: Any = None) -> bool:
+        """One optimizer step on a fresh batch (or ``batch``, already drawn); False where a non-finite loss ends
+        the run."""
+        batch = self.batch() if batch is None else batch
+        loss = self.fam.train_loss(self.model, to_device(batch, self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return self.apply(step, loss.item())
@@ -175,6 +178,7 @@ class _Run:
                       best_loss=self.best if math.isfinite(self.best) else None, final_acc=self.final_acc,
                       wall_s=time.perf_counter() - t0, device=f"{self.device} ({device_name(self.device)})",
                       **self.fam.row(model, cfg, self.task))
+        row["config"]["train"]["group"] = self.group  # where it ran (no part of its identity), as the device
         return {"row": row, "curves": self.curves, "diagnostics": self.diags}
 
 

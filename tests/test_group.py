@@ -22,7 +22,7 @@ import torch
 from retrieval_bench.config import from_dict
 from retrieval_bench.executors import InlineExecutor, LocalExecutor, execute
 from retrieval_bench.families.retrieval import RetrievalFamily
-from retrieval_bench.group import CPU_GROUP_AUTO, form_groups, group_size, shape_key, train_group
+from retrieval_bench.group import CPU_GROUP_AUTO, form_groups, group_size, shape_key, spread, train_group
 from retrieval_bench.store import Store
 from retrieval_bench.sweep import run_sweep
 from retrieval_bench.train import _Run, train_run
@@ -94,6 +94,38 @@ def test_grouped_language_models_equal_solo_ones(memory):
     grouped = by_id(train_group(cfgs))
     for rid in solo:  # the per-head diagnostics (differences of near-equal terms) to 1e-4
         assert_same_record(solo[rid], grouped[rid], diag_rtol=1e-4)
+
+
+def test_a_failing_group_step_lets_each_run_go_on_alone(monkeypatch):
+    cfgs = runs("dpfp-1/sum")
+    solo = {c.run_id: train_run(c) for c in cfgs}
+    real, calls = RetrievalFamily.group_loss, []
+
+    def fails_on_the_third(self, models, batches):  # as a GPU out of memory would, at step 3
+        calls.append(len(models))
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, models, batches)
+
+    monkeypatch.setattr(RetrievalFamily, "group_loss", fails_on_the_third)
+    grouped = by_id(train_group(cfgs))
+    assert calls == [4, 4, 4]  # no group step after the failure: the runs went on alone from step 3
+    for rid in solo:  # each with the batch it had drawn for step 3, so its record is still its own
+        assert_same_record(solo[rid], grouped[rid])
+
+
+def test_records_say_how_many_runs_trained_together_and_bad_ids_are_refused():
+    cfgs = runs(seeds=(1, 2, 3), lrs=(1e-3,))
+    grouped = list(train_group(cfgs))
+    assert [r["row"]["config"]["train"]["group"] for r in grouped] == [3, 3, 3]
+    assert train_run(cfgs[0])["row"]["config"]["train"]["group"] == 1
+    assert all(r["row"]["run_id"] in {c.run_id for c in cfgs} for r in grouped)  # the id ignores it
+    run = _Run(cfgs[0], None)
+    batch = run.batch()
+    RetrievalFamily().check_batch(run.model, batch)
+    bad = type(batch)(batch.keys, batch.values + run.model.num_values, batch.query, batch.target)
+    with pytest.raises(ValueError, match="values ids must lie in"):
+        RetrievalFamily().check_batch(run.model, bad)
 
 
 def test_runs_that_stop_early_leave_the_group_at_their_own_step():
@@ -180,11 +212,19 @@ def test_groups_hold_runs_of_one_shape_as_evenly_as_they_can():
     assert [len(i) for i in form_groups(lm + cfgs[:2])] == [4, 2]
 
 
-def test_groups_are_halved_until_every_worker_has_one():
+def test_groups_are_split_evenly_until_every_worker_has_one():
     cfgs = runs(seeds=(1, 2, 3, 4), lrs=(1e-3, 3e-3), group=8)
     assert [len(i) for i in form_groups(cfgs, workers=1)] == [8]
     assert [len(i) for i in form_groups(cfgs, workers=2)] == [4, 4]
+    assert [len(i) for i in form_groups(cfgs, workers=3)] == [3, 3, 2]
     assert form_groups(cfgs, workers=20) == cfgs
+    # the largest parts split first; runs alone stay as they are
+    items = [cfgs[:6], cfgs[6], cfgs[7:]]
+    assert [len(i) if isinstance(i, list) else 1 for i in spread(items, 4)] == [3, 3, 1, 1]
+    # a device named by the executor decides "auto": 16 on a GPU, whatever this machine has
+    big = runs(seeds=tuple(range(1, 19)), lrs=(1e-3,), num_keys=64, batch_size=32)
+    assert [len(i) for i in form_groups(big, device="cuda")] == [9, 9]
+    assert form_groups(big, device="cpu") == big
 
 
 def test_group_auto_on_the_cpu_groups_small_steps_only_and_one_means_alone():

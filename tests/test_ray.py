@@ -151,18 +151,17 @@ def _group_killer():
 
 
 @pytest.mark.slow
-def test_a_group_lost_on_ray_stores_each_of_its_runs_failed_and_a_rerun_trains_them(ray_session, tmp_path,
-                                                                                    tiny_experiment):
+def test_a_group_lost_on_ray_reruns_its_runs_alone(ray_session, tmp_path, tiny_experiment, record_events):
     from retrieval_bench.ray_executor import RayExecutor
 
     exp = tiny_experiment.load(**{**ray_tiny(max_steps=20, group=2), "model": {"memory": "linear/sum"}})
     store = Store(tmp_path / "runs.db")
-    state = _sweep(exp, store, RayExecutor(threads_per_run=1, max_retries=0, job=_group_killer()))
+    ex = record_events(RayExecutor(threads_per_run=1, max_retries=0, job=_group_killer()))
+    state = _sweep(exp, store, ex)
     runs = _runs(store)
-    assert len(runs) == 4 and (state.failed, state.done) == (4, 0)  # two groups of two, each lost
-    assert runs["error"].str.contains("WorkerCrashedError").all()
-    rerun = _sweep(exp, store, RayExecutor(threads_per_run=1, job=execute))
-    assert (rerun.total, rerun.done) == (4, 4) and (_runs(store)["status"] == "done").all()
+    assert len(runs) == 4 and (state.failed, state.done) == (0, 4) and (runs["status"] == "done").all()
+    starts = [e["run_id"] for e in ex.started]  # two groups of two, each lost, then each run alone
+    assert sorted(starts) == sorted(list(runs.index) * 2)
 
 
 @pytest.mark.slow

@@ -103,6 +103,11 @@ class LMFamily:
                 return why
         return None
 
+    def check_batch(self, model: CausalLM, batch) -> None:
+        """Raise where a batch holds a token outside the vocabulary (in a group it would read another run's
+        embedding rows)."""
+        model._check_tokens(batch.tokens)
+
     def group_loss(self, models: list[CausalLM], batches: list) -> torch.Tensor:
         """The training losses (G,) of G runs of one shape, each on its own batch, the memory of each layer read
         for all G·B sequences in one call. Each run's embedding, norms, convolution, projections and MLP are

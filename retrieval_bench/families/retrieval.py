@@ -106,6 +106,14 @@ class RetrievalFamily:
         must hold nothing of a run's own (no parameters, no buffers, no random draws of its feature map)."""
         return memory_blocker(model.memory)
 
+    def check_batch(self, model: RetrievalModel, batch) -> None:
+        """Raise where a batch holds an id outside the model's tables: alone, the gather would raise; in a group,
+        it would read another run's rows."""
+        for name, ids, n in (("keys", batch.keys, model.num_keys), ("query", batch.query, model.num_keys),
+                             ("values", batch.values, model.num_values)):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                raise ValueError(f"{name} ids must lie in [0, {n}), got [{int(ids.min())}, {int(ids.max())}]")
+
     def group_loss(self, models: list[RetrievalModel], batches: list) -> torch.Tensor:
         """The training losses (G,) of G runs of one shape, each on its own batch, in one memory call.
 
