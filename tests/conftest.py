@@ -82,6 +82,43 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def count_runs(db) -> int:
+    """Rows in a store's runs table, read while another process may be writing it (0 before it exists)."""
+    import sqlite3
+    from pathlib import Path
+
+    if not Path(db).exists():
+        return 0
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        con.close()
+
+
+def cli_sweep_killed(toml, db, workers: str = "1", runs: int = 2, seconds: float = 120) -> list[str]:
+    """Start ``retrieval-bench run TOML`` into the store ``db`` in a process of its own and kill it (SIGKILL)
+    once ``runs`` runs are stored (or it ended, or ``seconds`` passed). Returns the command, to resume with."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(db), "--workers", workers,
+           "--no-report"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + seconds
+    while count_runs(db) < runs and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return cmd
+
+
 def assert_sampling_leaves_global_rng(task) -> None:
     """A task draws from the generators it is given only: sampling and eval sets leave torch's global RNG as
     they found it."""

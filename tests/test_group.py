@@ -12,12 +12,11 @@ import math
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_sweep_killed  # tests/ is on sys.path
 
 from retrieval_bench.config import from_dict
 from retrieval_bench.executors import InlineExecutor, LocalExecutor, execute
@@ -298,20 +297,6 @@ def test_a_dead_worker_reruns_only_the_unfinished_runs_of_its_group(tmp_path, mo
     assert sum(1 for v in starts.values() if v == 2) >= 3
 
 
-def _count(db: Path) -> int:
-    import sqlite3
-
-    if not db.exists():
-        return 0
-    con = sqlite3.connect(db, timeout=30)
-    try:
-        return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        con.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_killed_driver_keeps_the_runs_its_groups_finished(tmp_path, tiny_experiment, workers):
@@ -320,19 +305,11 @@ def test_a_killed_driver_keeps_the_runs_its_groups_finished(tmp_path, tiny_exper
                                 train={"eval_every": 10, "max_steps": [30, 3000], "stop_loss": 0.0,
                                        "patience": 1000, "diagnostics": False, "group": 4})
     db = tmp_path / "r.db"
-    cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(db), "--workers", workers,
-           "--no-report"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    cmd = cli_sweep_killed(toml, db, workers)
     kept = Store(db).load("runs")
     assert 2 <= len(kept) < 8 and (kept["steps"] == 30).all(), "the short runs are stored while groups train on"
-    done = subprocess.run([*cmd[:-1], "--set", "train.max_steps=[30, 40]", "--no-report"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd, "--set", "train.max_steps=[30, 40]"], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     runs_ = Store(db).load("runs")
     assert set(kept["run_id"]) <= set(runs_["run_id"]) and runs_["run_id"].is_unique

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import default_sigint  # tests/ is on sys.path
+from conftest import cli_sweep_killed, count_runs, default_sigint  # tests/ is on sys.path
 
 from retrieval_bench.executors import InlineExecutor, LocalExecutor
 from retrieval_bench.store import Store
@@ -100,35 +99,15 @@ def test_dead_worker_fails_only_its_own_run(tmp_path, monkeypatch, tiny_experime
     assert starts == {i: 3 if i == always else 2 if i == once else 1 for i in ids}
 
 
-def _count(db: Path) -> int:
-    if not db.exists():
-        return 0
-    con = sqlite3.connect(db, timeout=30)
-    try:
-        return con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-    finally:
-        con.close()
-
-
 @pytest.mark.slow
 def test_killed_driver_loses_no_finished_run_and_completes_without_duplicates(tmp_path, tiny_experiment):
     toml = tiny_experiment.toml(**sweep(150))
     db = tmp_path / "r.db"
-    cmd = [sys.executable, "-m", "retrieval_bench", "run", str(toml), "--store", str(db), "--workers", "1",
-           "--no-report"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    kept = _count(db)
+    cmd = cli_sweep_killed(toml, db)
+    kept = count_runs(db)
     assert 2 <= kept < 8, "the kill should land mid-sweep"
     before = Store(db).load("runs").set_index("run_id")["final_loss"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"{8 - kept} runs to do, {kept} already stored" in done.stderr
     runs = Store(db).load("runs")
@@ -172,7 +151,7 @@ def _start_pool_sweep(toml: Path, stderr=subprocess.PIPE) -> tuple[subprocess.Po
     """``_pool_sweep``, returned once two runs are stored."""
     proc, db = _pool_sweep(toml, stderr)
     deadline = time.time() + 120
-    while _count(db) < 2 and time.time() < deadline and proc.poll() is None:
+    while count_runs(db) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     return proc, db
 
@@ -197,7 +176,7 @@ def test_ctrl_c_exits_130_keeps_finished_runs_and_leaves_no_process(tiny_experim
     assert proc.returncode == 130, err
     assert "interrupted: every finished run is stored" in err
     assert "Traceback" not in err
-    kept = _count(db)
+    kept = count_runs(db)
     assert 2 <= kept < 8, "the interrupt should land mid-sweep"
     assert _group_gone(proc.pid), "a worker or helper process outlived the interrupted sweep"
 
