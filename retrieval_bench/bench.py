@@ -261,16 +261,11 @@ class _Forms:
             self.opts[name].step()
 
     def _group_step(self, batch) -> None:
-        """One step of the group: every run on ``batch`` (the data does not change the work), one stacked
-        forward and backward, then each run's Adam."""
+        """One step of the group, every run on ``batch`` (the data does not change the work)."""
         from .families.retrieval import RetrievalFamily
+        from .group import stacked_step
 
-        for _, opt in self.group:
-            opt.zero_grad(set_to_none=True)
-        losses = RetrievalFamily().group_loss([m for m, _ in self.group], [batch] * len(self.group))
-        losses.sum().backward()
-        for _, opt in self.group:
-            opt.step()
+        stacked_step(RetrievalFamily(), self.group, [batch] * len(self.group))
 
     def evaluate(self, name: str) -> None:
         model, ctx = self._form(name)

@@ -17,6 +17,7 @@ import torch
 
 from .families import to_device
 from .families.lm import LMFamily
+from .group import stacked_step
 from .lm import CausalLM, lm
 from .runtime import device_name, peak_memory_increase_mb, resolve_device, timed
 from .runtime import threads as torch_threads
@@ -65,11 +66,7 @@ def lm_step_ms(spec: str, seq_len: int, *, batch_size: int = 64, d_model: int = 
 
     def step(name: str, batch) -> None:
         if name.startswith("group of "):  # every run on the same batch: the data does not change the work
-            for _, opt in members:
-                opt.zero_grad(set_to_none=True)
-            fam.group_loss([m for m, _ in members], [batch] * len(members)).sum().backward()
-            for _, opt in members:
-                opt.step()
+            stacked_step(fam, members, [batch] * len(members))
             return
         model = models[name]
         ctx = reference_causal(model) if name == "reference" else contextlib.nullcontext()

@@ -102,16 +102,16 @@ def spread(items: list, workers: int) -> list:
             break
         parts[best] += 1
     out: list[Any] = []
-    for item, n, k in zip(items, sizes, parts, strict=True):
-        if not isinstance(item, list):
-            out.append(item)
-            continue
-        size, extra = divmod(n, k)
-        at = 0
-        for i in range(k):
-            out.append(item[at: at + size + (i < extra)])
-            at += size + (i < extra)
+    for item, k in zip(items, parts, strict=True):
+        out += _split_evenly(item, k) if isinstance(item, list) else [item]
     return [it[0] if isinstance(it, list) and len(it) == 1 else it for it in out]
+
+
+def _split_evenly(runs: list, k: int) -> list[list]:
+    """``runs`` in ``k`` consecutive parts whose sizes differ by at most one, the larger first."""
+    size, extra = divmod(len(runs), k)
+    bounds = [i * size + min(i, extra) for i in range(k + 1)]
+    return [runs[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _fill_groups(runs: Sequence[RunConfig], device: str | None = None) -> list:
@@ -133,12 +133,7 @@ def _fill_groups(runs: Sequence[RunConfig], device: str | None = None) -> list:
             items.append(slot)
             continue
         group = by_key[slot]
-        n = -(-len(group) // group_size(group[0], device))  # how many groups
-        size, extra = divmod(len(group), n)
-        at = 0
-        for i in range(n):
-            items.append(group[at: at + size + (i < extra)])
-            at += size + (i < extra)
+        items += _split_evenly(group, -(-len(group) // group_size(group[0], device)))  # as few groups as fit
     return items
 
 
@@ -147,7 +142,7 @@ def train_group(cfgs: Sequence[RunConfig], progress: Callable[[dict[str, Any]], 
     """Train ``cfgs`` (runs of one shape) together; yield each run's record as the run ends.
 
     A run that raises ends as ``failed`` with the traceback, and the others go on; where the group step itself
-    raises, every run still in it ends as ``failed`` (a rerun of the sweep retries them)."""
+    raises, every run still in it goes on alone (``_together``)."""
     from .train import _Run, failed_result
 
     runs: list[_Run] = []
@@ -187,12 +182,7 @@ def _alone(run, start: int = 1, batch: Any = None) -> Iterator[dict[str, Any]]:
 
     t0 = time.perf_counter() - run.clock
     try:
-        tc = run.cfg.train
-        for step in range(start, tc.max_steps + 1):
-            if not run.train_step(step, batch if step == start else None):
-                break
-            if (step % tc.eval_every == 0 or step == tc.max_steps) and not run.evaluate(step):
-                break
+        run.train_from(start, batch)
         yield run.result(t0)
     except Exception:
         yield failed_result(run.cfg, traceback.format_exc(), time.perf_counter() - t0)
@@ -239,11 +229,10 @@ def _together(runs: list) -> Iterator[dict[str, Any]]:
             t_own = time.perf_counter()
             r.clock += share
             try:
-                tc = r.cfg.train
                 go = r.apply(step, lv)
-                if go and (step % tc.eval_every == 0 or step == tc.max_steps):
+                if go and r.eval_due(step):
                     go = r.evaluate(step)
-                go = go and step < tc.max_steps
+                go = go and step < r.cfg.train.max_steps
                 record = None if go else r.result(t_own - r.clock)  # its wall time: its clock and this
             except Exception:
                 yield failed_result(r.cfg, traceback.format_exc(), r.clock + time.perf_counter() - t_own)
@@ -254,3 +243,17 @@ def _together(runs: list) -> Iterator[dict[str, Any]]:
             else:
                 yield record
         active = still
+
+
+def stacked_step(fam, members: list, batches: list) -> Any:
+    """One optimizer step of ``members`` ([(model, optimizer)], runs of one shape) on their ``batches`` as one
+    stacked model: every run's gradients zeroed, one forward and backward of the sum of their losses, each
+    run's optimizer step. Returns the losses (G,). What ``bench --group`` times; ``_together`` adds each run's
+    own rules (non-finite losses, clipping, schedules) between the backward and the step."""
+    for _, opt in members:
+        opt.zero_grad(set_to_none=True)
+    losses = fam.group_loss([m for m, _ in members], batches)
+    losses.sum().backward()
+    for _, opt in members:
+        opt.step()
+    return losses

@@ -58,14 +58,7 @@ def train_run(cfg: RunConfig, progress: Callable[[dict[str, Any]], None] | None 
     """
     t0 = time.perf_counter()
     run = _Run(cfg, progress)
-    tc = cfg.train
-    for step in range(1, tc.max_steps + 1):
-        if not run.train_step(step):
-            break
-        if step % tc.eval_every and step != tc.max_steps:
-            continue
-        if not run.evaluate(step):
-            break
+    run.train_from(1)
     return run.result(t0)
 
 
@@ -93,6 +86,20 @@ class _Run:
         self.first_bad, self.n_evals = None, 0  # the first step with a non-finite value (nonfinite = "continue")
         self.clock = 0.0  # seconds of work that are this run's (group.py: its share of each group step)
         self.group = 1  # how many runs it trained with (group.py), stored as the config's train.group
+
+    def train_from(self, start: int, batch: Any = None) -> None:
+        """Train from step ``start`` (its batch ``batch`` where it is drawn already) until a stop rule ends the
+        run or ``max_steps`` is reached, evaluating when due."""
+        for step in range(start, self.cfg.train.max_steps + 1):
+            if not self.train_step(step, batch if step == start else None):
+                return
+            if self.eval_due(step) and not self.evaluate(step):
+                return
+
+    def eval_due(self, step: int) -> bool:
+        """Whether an evaluation follows training step ``step``: every ``eval_every`` steps, and at the last."""
+        tc = self.cfg.train
+        return step % tc.eval_every == 0 or step == tc.max_steps
 
     def batch(self) -> Any:
         """The run's next training batch, drawn from its own generator on the host."""

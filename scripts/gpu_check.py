@@ -94,12 +94,10 @@ def time_step(cfg: dict, device: str = "cuda", repeat: int = 20, warmup: int = 3
         batches = iter([[tk.sample(cfg["batch_size"], g) for _ in runs] for _ in range(warmup + repeat + 2)])
 
     def group_step():
-        bs = [type(b)(*(t.to(dev) for t in (b.keys, b.values, b.query, b.target))) for b in next(batches)]
-        for _, o in runs:
-            o.zero_grad(set_to_none=True)
-        fam.group_loss([m for m, _ in runs], bs).sum().backward()
-        for _, o in runs:
-            o.step()
+        from retrieval_bench.families import to_device
+        from retrieval_bench.group import stacked_step
+
+        stacked_step(fam, runs, [to_device(b, dev) for b in next(batches)])
 
     def step():
         b = next(batches)  # generated on the host, moved once per step: what a run on the device does
