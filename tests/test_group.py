@@ -264,10 +264,13 @@ def test_a_grouped_sweep_stores_what_a_solo_sweep_stores(tmp_path, tiny_experime
 
 
 def _streams_one_then_dies(item, progress_queue=None):
-    """A job that, for a group, trains and hands on its first run alone, then kills its worker (once: a marker
-    file in RB_TEST_MARKERS); every other item runs normally. Module-level, so that pool workers import it."""
+    """A job that, for the group whose first run is RB_TEST_DIES_FOR, trains and hands on that first run alone,
+    then kills its worker (once: a marker file in RB_TEST_MARKERS); every other item runs normally. Only one
+    group may die: were both to race, the first death could kill the other worker before it handed its first
+    run on. Module-level, so that pool workers import it."""
     marker = Path(os.environ["RB_TEST_MARKERS"]) / "died"
-    if isinstance(item, list) and not marker.exists():
+    if (isinstance(item, list) and item[0].run_id == os.environ["RB_TEST_DIES_FOR"]
+            and not marker.exists()):
         first = execute(item[0])
         progress_queue.put({"run_id": first["row"]["run_id"], "result": first})
         marker.touch()
@@ -281,6 +284,7 @@ def test_a_dead_worker_reruns_only_the_unfinished_runs_of_its_group(tmp_path, mo
     exp = tiny_experiment.load(**sweep(20, group=4))
     items = form_groups(exp.expand())
     assert [len(i) for i in items] == [4, 4]
+    monkeypatch.setenv("RB_TEST_DIES_FOR", items[0][0].run_id)
     starts: dict[str, int] = {}
 
     def count(ev):
@@ -291,7 +295,7 @@ def test_a_dead_worker_reruns_only_the_unfinished_runs_of_its_group(tmp_path, mo
     ids = [r.run_id for r in exp.expand()]
     assert sorted(r["row"]["run_id"] for r in results) == sorted(ids)  # each stored once
     assert all(r["row"]["status"] == "done" for r in results)
-    first = items[0][0].run_id if starts else None
+    first = items[0][0].run_id
     # the group that died handed on its first run: that one never reran; the rest of its group reran alone
     assert (tmp_path / "died").exists() and starts[first] == 1
     assert sum(1 for v in starts.values() if v == 2) >= 3
