@@ -205,11 +205,26 @@ def _diagonal_blocks(M: torch.Tensor, size: int) -> torch.Tensor:
     return torch.diagonal(M.view(*M.shape[:-2], nb, size, nb, size), dim1=-4, dim2=-2).movedim(-1, -3)
 
 
+def _chunk_major(x: torch.Tensor, n: int, C: int) -> torch.Tensor:
+    """(B, T, ...) -> (n, B, C, ...), contiguous and zero-padded at the end (``chunked._chunks``, chunk axis
+    first): every per-chunk slice of the loop over chunks is then one contiguous batch, and the state that loop
+    writes (n, B, F, V) is read by the batched products without a transposing copy."""
+    return _chunks(x, n, C).transpose(0, 1).contiguous()
+
+
+def _unchunk(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(n, B, C, ...) -> (B, T, ...): the inverse of ``_chunk_major`` (the padding dropped)."""
+    n, B, C = x.shape[:3]
+    return x.transpose(0, 1).reshape(B, n * C, *x.shape[3:])[:, :T]
+
+
 class _DeltaCausal(torch.autograd.Function):
     """The chunkwise delta rule (``delta_causal``) with a hand-written backward: the adjoint of the state,
     g = ∂ℓ/∂S, runs backwards over the chunks with two small matmuls each; everything else is batched over the
     chunks. Per chunk: G = B Kᵀ, N = tril₋₁(diag(β) G), X = (I + N)⁻¹, T = X diag(β), W = T B, U = T V;
-    δ = U - W S, S' = S + Kᵀ δ; Y = Q S + tril(Q Kᵀ) δ. ``b`` None: the read keys are the keys (G = K Kᵀ)."""
+    δ = U - W S, S' = S + Kᵀ δ; Y = Q S + tril(Q Kᵀ) δ. ``b`` None: the read keys are the keys (G = K Kᵀ).
+    Every tensor is chunk-major, (n, B, C, ·) (``_chunk_major``): one copy of each input and output instead of
+    strided slices and transposing copies of the states inside the products."""
 
     @staticmethod
     def forward(ctx, k, b, v, q, beta, chunk):
@@ -217,27 +232,25 @@ class _DeltaCausal(torch.autograd.Function):
         Vd = v.shape[-1]
         C = max(1, min(chunk, T))
         n = math.ceil(T / C)
-        K, Q, Vc = (_chunks(x, n, C) for x in (k, q, v))  # (B, n, C, ·): views where C divides T
-        Bk = K if b is None else _chunks(b, n, C)
-        be = _chunks(beta, n, C)  # (B, n, C)
-        G = Bk @ K.mT  # (B, n, C, C)
+        K, Q, Vc = (_chunk_major(x, n, C) for x in (k, q, v))  # (n, B, C, ·)
+        Bk = K if b is None else _chunk_major(b, n, C)
+        be = _chunk_major(beta, n, C)  # (n, B, C)
+        G = Bk @ K.mT  # (n, B, C, C)
         X = unit_lower_inverse((be[..., None] * G).tril_(-1))
         Tm = X * be[..., None, :]
-        W, U = Tm @ Bk, Tm @ Vc  # (B, n, C, F), (B, n, C, V)
-        # chunk-major state and writes: every out= below is one contiguous batch (a strided out= falls back to
-        # one GEMM per sequence); strided inputs are fine
-        S = k.new_empty(n, B, Fd, Vd)
-        D = k.new_empty(n, B, C, Vd)
+        W, U = Tm @ Bk, Tm @ Vc  # (n, B, C, F), (n, B, C, V)
+        S = k.new_empty(n, B, Fd, Vd)  # S[i]: the state chunk i starts from
         S[0] = 0
+        D = U  # D[i]: chunk i's writes δ = U[i] - W[i] S[i], in place of U (not needed after)
         for i in range(n):
-            torch.baddbmm(U[:, i], W[:, i], S[i], alpha=-1, out=D[i])
+            if i:  # D[0] = U[0]: S[0] = 0
+                D[i].baddbmm_(W[i], S[i], alpha=-1)
             if i + 1 < n:
-                torch.baddbmm(S[i], K[:, i].mT, D[i], out=S[i + 1])
-        S, D = S.transpose(0, 1), D.transpose(0, 1)  # (B, n, ·, V) views
+                torch.baddbmm(S[i], K[i].mT, D[i], out=S[i + 1])
         QK = (Q @ K.mT).tril_()  # the diagonal too: a position reads after its own write
-        Y = Q @ S + QK @ D
+        Y = torch.baddbmm((Q @ S).flatten(0, 1), QK.flatten(0, 1), D.flatten(0, 1))
         ctx.save_for_backward(K, None if b is None else Bk, Q, Vc, be, G, X, W, S, D, QK)
-        return Y.reshape(B, n * C, Vd)[:, :T]
+        return _unchunk(Y.view(n, B, C, Vd), T)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -245,23 +258,25 @@ class _DeltaCausal(torch.autograd.Function):
         K, Bk, Q, Vc, be, G, X, W, S, D, QK = ctx.saved_tensors
         tied = Bk is None
         Bk = K if tied else Bk
-        B, n, C, Fd = K.shape
+        n, B, C, Fd = K.shape
         T = gy.shape[1]
-        dY = _chunks(gy, n, C)  # (B, n, C, V)
+        dY = _chunk_major(gy, n, C)  # (n, B, C, V)
         dQK = (dY @ D.mT).tril_()
-        dQ = torch.baddbmm((dY @ S.mT).flatten(0, 1), dQK.flatten(0, 1), K.flatten(0, 1)).view(B, n, C, Fd)
+        dQ = torch.baddbmm((dY @ S.mT).flatten(0, 1), dQK.flatten(0, 1), K.flatten(0, 1)).view(n, B, C, Fd)
         dK = dQK.mT @ Q
         dD = QK.mT @ dY
-        dS = Q.mT @ dY  # (B, n, F, V): what chunk i reads from its incoming state directly
-        g = torch.empty_like(S.transpose(0, 1))  # (n, B, F, V): g[i] = ∂ℓ/∂S_{i+1}, the state leaving chunk i
-        g[n - 1] = 0
-        dDc = torch.empty_like(dD.transpose(0, 1))  # (n, B, C, V)
+        dS = Q.mT @ dY  # (n, B, F, V): what chunk i reads from its incoming state directly
+        # the adjoint of the state, in place of dS: dS[i] becomes ∂ℓ/∂S_i (S_i enters chunk i): its direct reads,
+        # plus ∂ℓ/∂S_{i+1} (S_{i+1} = S_i + Kᵀ δ), minus Wᵀ ∂ℓ/∂δ (δ = U - W S_i)
         for i in range(n - 1, -1, -1):
-            torch.baddbmm(dD[:, i], K[:, i], g[i], out=dDc[i])  # S' = S + Kᵀ δ
-            if i:  # δ = U - W S
-                torch.baddbmm(g[i] + dS[:, i], W[:, i].mT, dDc[i], alpha=-1, out=g[i - 1])
-        dD, g = dDc.transpose(0, 1), g.transpose(0, 1)
-        dK += D @ g.mT
+            if i + 1 < n:
+                dD[i].baddbmm_(K[i], dS[i + 1])  # S_{i+1} = S_i + Kᵀ δ
+            if i:  # (S_0 = 0 needs no adjoint)
+                if i + 1 < n:
+                    dS[i] += dS[i + 1]
+                dS[i].baddbmm_(W[i].mT, dD[i], alpha=-1)
+        if n > 1:
+            dK[:-1] += D[:-1] @ dS[1:].mT
         dW = -(dD @ S.mT)
         Tm = X * be[..., None, :]
         dB, dV = Tm.mT @ dW, Tm.mT @ dD  # W = T B, U = T V
@@ -276,8 +291,8 @@ class _DeltaCausal(torch.autograd.Function):
         else:  # G = B Kᵀ
             dB += dG @ K
             dK += dG.mT @ Bk
-        out = [None if x is None else x.reshape(B, n * C, -1)[:, :T] for x in (dK, dB, dV, dQ)]
-        return (*out, dbeta.reshape(B, n * C)[:, :T], None)
+        out = [None if x is None else _unchunk(x, T) for x in (dK, dB, dV, dQ)]
+        return (*out, _unchunk(dbeta, T), None)
 
 
 def delta_causal(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, beta: torch.Tensor, attn: bool = False,
