@@ -142,12 +142,12 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
         except (*_store_errors(), OSError) as e:
             raise click.BadParameter(str(e), param_hint="'--store'") from None
     if lm_lengths:
-        from .bench_lm import format_lm_table, run_lm_bench
+        from .bench_lm import format_lm_table, relative_lines, run_lm_bench
 
         rows = run_lm_bench(list(memories), list(lm_lengths), threads=threads, repeat=repeat, device=where,
                             reference_max_len=0 if no_reference else 256, group=group or 0)
         click.echo(format_lm_table(rows))
-        for line in group_lines(rows):
+        for line in group_lines(rows) + relative_lines(rows):
             click.echo(line)
     else:
         from . import bench

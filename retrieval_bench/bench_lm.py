@@ -2,8 +2,10 @@
 form beside its reference loop (``Memory.causal_reference``: the per-step loop read at every position).
 
 A step is what the ``lm`` family trains: an MQAR batch, the query-only cross-entropy, backward and AdamW. Both
-forms start from the same weights and see the same batches, alternating, in one process; the table gives the
-median, the peak memory increase and the largest difference between the two forms' losses.
+forms start from the same weights and see the same batches; at each length every memory's forms alternate step by
+step in one process, so that a busy machine's drift reaches them all alike and the memories compare with each
+other as well as with their reference loops. The table gives the median, the peak memory increase and the largest
+difference between the two forms' losses.
 """
 
 from __future__ import annotations
@@ -38,73 +40,117 @@ def reference_causal(model: CausalLM) -> Iterator[None]:
             del mem.causal
 
 
-def lm_step_ms(spec: str, seq_len: int, *, batch_size: int = 64, d_model: int = 128, n_layers: int = 2,
-               n_heads: int = 2, vocab_size: int = 512, threads: int = 2, repeat: int = 3,
-               reference: bool = True, device: str | torch.device = "cpu", group: int = 0) -> list[dict]:
-    """Rows (one per form) for one memory at one length: ms per training step, peak MB, loss difference.
-    ``device`` as ``bench.run_bench``'s: on a GPU the steps are timed to the end of their kernels and the peak
-    is of allocated device memory. ``group`` > 1 adds the form ``group of N``: a step of N runs trained as one
-    stacked model (group.py), where the memory can be grouped."""
-    device = resolve_device(device, "--device")
-    task = make_task("mqar", vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=max(1, seq_len // 8))
-    base = lm(spec, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, conv=4,
-              seed=0).to(device)
-    fam = LMFamily()
-    gen = torch.Generator().manual_seed(0)
-    batches = [to_device(task.sample(batch_size, gen), device) for _ in range(repeat + 1)]
-    forms = {"fast": contextlib.nullcontext, "reference": None} if reference else {"fast": contextlib.nullcontext}
-    models = {name: copy.deepcopy(base) for name in forms}  # before a group is added: its runs are its own
-    opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for name, m in models.items()}
-    members: list = []
-    if group > 1 and fam.group_blocker(base) is None:
-        members = [(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1))
-                   for m in (lm(spec, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                                conv=4, seed=1 + i).to(device) for i in range(group))]
-        forms[f"group of {group}"] = None
-    times: dict[str, list[float]] = {name: [] for name in forms}
-    losses: dict[str, list[float]] = {name: [] for name in forms}
+class _Forms:
+    """One memory's timed forms at one length, from the same weights and batches: ``fast``, ``reference`` (the
+    same model reading through its reference loop) and ``group of N`` (N runs trained as one stacked model,
+    group.py, where the memory can be grouped). ``step(name, batch)`` trains one step of a form."""
 
-    def step(name: str, batch) -> None:
+    def __init__(self, spec: str, seq_len: int, *, batch_size: int, d_model: int, n_layers: int, n_heads: int,
+                 vocab_size: int, reference: bool, device: torch.device, group: int):
+        self.spec, self.seq_len = spec, seq_len
+        self.fam = LMFamily()
+
+        def build(seed):
+            return lm(spec, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, conv=4,
+                      seed=seed).to(device)
+
+        base = build(0)
+        names = ["fast", "reference"] if reference else ["fast"]
+        self.models = {name: copy.deepcopy(base) for name in names}  # before a group is added: its own runs
+        self.opts = {name: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1)
+                     for name, m in self.models.items()}
+        self.members: list = []
+        if group > 1 and self.fam.group_blocker(base) is None:
+            self.members = [(m, torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1))
+                            for m in (build(1 + i) for i in range(group))]
+            names.append(f"group of {group}")
+        self.names = names
+        self.times: dict[str, list[float]] = {name: [] for name in names}
+        self.losses: dict[str, list[float]] = {name: [] for name in names}
+
+    def step(self, name: str, batch) -> None:
         if name.startswith("group of "):  # every run on the same batch: the data does not change the work
-            stacked_step(fam, members, [batch] * len(members))
+            stacked_step(self.fam, self.members, [batch] * len(self.members))
             return
-        model = models[name]
+        model = self.models[name]
         ctx = reference_causal(model) if name == "reference" else contextlib.nullcontext()
         with ctx:
-            loss = fam.train_loss(model, batch)
-            opts[name].zero_grad(set_to_none=True)
+            loss = self.fam.train_loss(model, batch)
+            self.opts[name].zero_grad(set_to_none=True)
             loss.backward()
-            opts[name].step()
-        losses[name].append(loss.item())
+            self.opts[name].step()
+        self.losses[name].append(loss.item())
 
+
+def _time_forms(forms: list[_Forms], seq_len: int, *, batch_size: int, vocab_size: int, threads: int,
+                repeat: int, device: torch.device) -> list[dict]:
+    """Time every form of every memory in ``forms`` at one length, alternating across memories and forms step
+    by step (the first step of each warms up), so that a machine's drift reaches all of them alike."""
+    task = make_task("mqar", vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=max(1, seq_len // 8))
+    gen = torch.Generator().manual_seed(0)
+    batches = [to_device(task.sample(batch_size, gen), device) for _ in range(repeat + 1)]
+    peaks: dict[tuple[str, str], float | None] = {}
     with torch_threads(threads):
-        for i, batch in enumerate(batches):  # the first step warms up; forms alternate
-            for name in forms:
-                with timed(device) as t:
-                    step(name, batch)
-                if i:
-                    times[name].append(t.seconds * 1e3)
-        peak = {name: peak_memory_increase_mb(lambda name=name: step(name, batches[-1]), device) for name in forms}
-    diff = (max(abs(a - b) for a, b in zip(losses["fast"], losses["reference"], strict=True))
-            if "reference" in forms else None)  # a group's losses are its own runs' (other weights): no diff
+        for i, batch in enumerate(batches):
+            for f in forms:
+                for name in f.names:
+                    with timed(device) as t:
+                        f.step(name, batch)
+                    if i:
+                        f.times[name].append(t.seconds * 1e3)
+        for f in forms:
+            for name in f.names:
+                peaks[f.spec, name] = peak_memory_increase_mb(lambda f=f, name=name: f.step(name, batches[-1]),
+                                                              device)
     from datetime import UTC, datetime
 
     from ._version import __version__
 
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    return [{"memory": spec, "task": "mqar", "seq_len": seq_len, "form": name, "threads": threads,
-             "batch_size": batch_size, "d_key": d_model // n_heads, "ms_step": statistics.median(times[name]),
-             "peak_mb": peak[name], "max_diff": None if name.startswith("group") else diff, "status": "ok",
-             "version": __version__,
-             "measured_at": when, "device": f"{device} ({device_name(device)})"} for name in forms]
-
-
-def run_lm_bench(memories: list[str], seq_lens: list[int], *, reference_max_len: int = 256, **kw) -> list[dict]:
     rows = []
-    for spec in memories:
-        for T in seq_lens:
-            rows += lm_step_ms(spec, T, reference=T <= reference_max_len, **kw)
+    for f in forms:
+        diff = (max(abs(a - b) for a, b in zip(f.losses["fast"], f.losses["reference"], strict=True))
+                if "reference" in f.names else None)  # a group's losses are its own runs' (other weights)
+        d_model, n_heads = f.models["fast"].d_model, f.models["fast"].n_heads
+        rows += [{"memory": f.spec, "task": "mqar", "seq_len": seq_len, "form": name, "threads": threads,
+                  "batch_size": batch_size, "d_key": d_model // n_heads,
+                  "ms_step": statistics.median(f.times[name]), "peak_mb": peaks[f.spec, name],
+                  "max_diff": None if name.startswith("group") else diff, "status": "ok", "version": __version__,
+                  "measured_at": when, "device": f"{device} ({device_name(device)})"} for name in f.names]
     return rows
+
+
+def lm_step_ms(spec: str, seq_len: int, **kw) -> list[dict]:
+    """Rows (one per form) for one memory at one length (``run_lm_bench`` for one memory)."""
+    return run_lm_bench([spec], [seq_len], reference_max_len=seq_len if kw.pop("reference", True) else 0, **kw)
+
+
+def run_lm_bench(memories: list[str], seq_lens: list[int], *, reference_max_len: int = 256, batch_size: int = 64,
+                 d_model: int = 128, n_layers: int = 2, n_heads: int = 2, vocab_size: int = 512, threads: int = 2,
+                 repeat: int = 3, device: str | torch.device = "cpu", group: int = 0) -> list[dict]:
+    """Rows, one per memory, length and form: ms per training step (median), peak MB, and the largest
+    difference between the fast and reference forms' losses. At each length every memory's forms alternate
+    step by step in one process, so the memories can be compared with each other as well as with their
+    reference loops. ``reference_max_len``: the longest T with a reference loop. ``device`` as
+    ``bench.run_bench``'s: on a GPU the steps are timed to the end of their kernels and the peak is of allocated
+    device memory. ``group`` > 1 adds the form ``group of N``: a step of N runs trained as one stacked model."""
+    device = resolve_device(device, "--device")
+    rows = []
+    for T in seq_lens:
+        forms = [_Forms(spec, T, batch_size=batch_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                        vocab_size=vocab_size, reference=T <= reference_max_len, device=device, group=group)
+                 for spec in memories]
+        rows += _time_forms(forms, T, batch_size=batch_size, vocab_size=vocab_size, threads=threads,
+                            repeat=repeat, device=device)
+    order = {spec: i for i, spec in enumerate(memories)}
+    return sorted(rows, key=lambda r: order[r["memory"]])  # stable: by memory, then length, then form
+
+
+def relative_lines(rows: list[dict], to: str = "softmax") -> list[str]:
+    """Per length, each memory's fast step against ``to``'s (timed alternately in one process)."""
+    ref = {r["seq_len"]: r["ms_step"] for r in rows if r["memory"] == to and r["form"] == "fast"}
+    return [f"T={r['seq_len']}: {r['memory']}'s step takes {r['ms_step'] / ref[r['seq_len']]:.2f}x {to}'s"
+            for r in rows if r["form"] == "fast" and r["memory"] != to and ref.get(r["seq_len"])]
 
 
 def format_lm_table(rows: list[dict]) -> str:

@@ -32,3 +32,19 @@ def test_bench_lm_refuses_the_retrieval_models_reference_cap():
 
     res = CliRunner().invoke(bench_command, ["--lm", "16", "--reference-max-gib", "4"])
     assert res.exit_code == 2 and "--reference-max-gib" in res.output, res.output
+
+
+def test_memories_at_one_length_are_timed_together_and_compared_with_softmax():
+    from retrieval_bench.bench_lm import relative_lines, run_lm_bench
+
+    rows = run_lm_bench(["linear/sum", "softmax"], [8, 16], reference_max_len=8, batch_size=2, d_model=8,
+                        n_layers=1, n_heads=1, vocab_size=32, threads=1, repeat=1)
+    assert [(r["memory"], r["seq_len"], r["form"]) for r in rows] == [
+        ("linear/sum", 8, "fast"), ("linear/sum", 8, "reference"), ("linear/sum", 16, "fast"),
+        ("softmax", 8, "fast"), ("softmax", 8, "reference"), ("softmax", 16, "fast")]
+    assert all(r["max_diff"] < 1e-4 for r in rows if r["seq_len"] == 8)
+    fast = {(r["memory"], r["seq_len"]): r["ms_step"] for r in rows if r["form"] == "fast"}
+    lines = relative_lines(rows)
+    assert len(lines) == 2 and lines[0].startswith("T=8: linear/sum's step takes")
+    assert f"{fast['linear/sum', 16] / fast['softmax', 16]:.2f}x" in lines[1]
+    assert relative_lines([r for r in rows if r["memory"] != "softmax"]) == []  # nothing to compare with
