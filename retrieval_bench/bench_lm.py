@@ -135,6 +135,7 @@ def run_lm_bench(memories: list[str], seq_lens: list[int], *, reference_max_len:
     ``bench.run_bench``'s: on a GPU the steps are timed to the end of their kernels and the peak is of allocated
     device memory. ``group`` > 1 adds the form ``group of N``: a step of N runs trained as one stacked model."""
     device = resolve_device(device, "--device")
+    memories = list(dict.fromkeys(memories))  # a memory named twice is timed once
     rows = []
     for T in seq_lens:
         forms = [_Forms(spec, T, batch_size=batch_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads,

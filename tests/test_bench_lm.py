@@ -37,7 +37,7 @@ def test_bench_lm_refuses_the_retrieval_models_reference_cap():
 def test_memories_at_one_length_are_timed_together_and_compared_with_softmax():
     from retrieval_bench.bench_lm import relative_lines, run_lm_bench
 
-    rows = run_lm_bench(["linear/sum", "softmax"], [8, 16], reference_max_len=8, batch_size=2, d_model=8,
+    rows = run_lm_bench(["linear/sum", "softmax", "linear/sum"], [8, 16], reference_max_len=8, batch_size=2, d_model=8,
                         n_layers=1, n_heads=1, vocab_size=32, threads=1, repeat=1)
     assert [(r["memory"], r["seq_len"], r["form"]) for r in rows] == [
         ("linear/sum", 8, "fast"), ("linear/sum", 8, "reference"), ("linear/sum", 16, "fast"),
