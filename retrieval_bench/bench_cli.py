@@ -102,7 +102,11 @@ _POSITIVE = click.IntRange(min=1)
               help="Also report the all-positions chunkwise delta rule's GFLOP/s (B 16, L 1024, F = V = 256).")
 @click.option("--lm", "lm_lengths", multiple=True, type=_POSITIVE, metavar="T",
               help="Time the token-stream language model instead (B 64, d_model 128, 2 layers, MQAR) at length "
-                   "T; repeat for several. Reference loops beside the fast forms up to T = 256.")
+                   "T; repeat for several. Reference loops beside the fast forms up to --lm-reference-max.")
+@click.option("--lm-reference-max", type=_POSITIVE, default=256, show_default=True, metavar="T",
+              help="With --lm: the longest T timed through the reference loops too. A recurrent memory's loop keeps "
+                   "every state for its backward, about 2 x layers x B x heads x T x F x V x 4 bytes (8 GiB at "
+                   "T = 1024 with the defaults); softmax's reads each prefix, O(T^2) per step.")
 @click.option("--reference-max-gib", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
               help="Skip a reference loop whose estimated autograd memory exceeds this (it is then compared on "
                    "fewer sequences).")
@@ -113,7 +117,7 @@ _POSITIVE = click.IntRange(min=1)
               help="Also time a training step of N runs of each memory trained as one stacked model (run "
                    "--group), beside the step of one run (with --lm too).")
 def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, no_reference, store_path,
-                  chunkwise, lm_lengths, reference_max_gib, device, group):
+                  chunkwise, lm_lengths, lm_reference_max, reference_max_gib, device, group):
     """Milliseconds per training step and evaluation, and peak memory: fast forms vs reference loops."""
     if lm_lengths:
         from .bench_lm import DEFAULT_LM_MEMORIES
@@ -129,8 +133,10 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="'--device'") from None
     if lm_lengths and reference_max_gib != 2.0:
-        raise click.BadParameter("applies to the retrieval model only; with --lm the reference loop runs up to "
-                                 "T = 256", param_hint="'--reference-max-gib'")
+        raise click.BadParameter("applies to the retrieval model only; with --lm, --lm-reference-max sets the "
+                                 "longest T with a reference loop", param_hint="'--reference-max-gib'")
+    if not lm_lengths and lm_reference_max != 256:
+        raise click.BadParameter("applies with --lm only", param_hint="'--lm-reference-max'")
     if chunkwise and where.type != "cpu":
         raise click.BadParameter("the chunkwise throughput is measured on the CPU only", param_hint="'--chunkwise'")
     store = None
@@ -145,7 +151,7 @@ def bench_command(memories, num_keys, task, threads, repeat, batch_size, d_key, 
         from .bench_lm import format_lm_table, relative_lines, run_lm_bench
 
         rows = run_lm_bench(list(memories), list(lm_lengths), threads=threads, repeat=repeat, device=where,
-                            reference_max_len=0 if no_reference else 256, group=group or 0)
+                            reference_max_len=0 if no_reference else lm_reference_max, group=group or 0)
         click.echo(format_lm_table(rows))
         for line in group_lines(rows) + relative_lines(rows):
             click.echo(line)

@@ -48,3 +48,16 @@ def test_memories_at_one_length_are_timed_together_and_compared_with_softmax():
     assert len(lines) == 2 and lines[0].startswith("T=8: linear/sum's step takes")
     assert f"{fast['linear/sum', 16] / fast['softmax', 16]:.2f}x" in lines[1]
     assert relative_lines([r for r in rows if r["memory"] != "softmax"]) == []  # nothing to compare with
+
+
+def test_bench_lm_runs_the_reference_loops_up_to_the_length_asked():
+    out = CliRunner().invoke(bench_command, ["--lm", "8", "--lm", "16", "--memory", "linear/sum", "--repeat", "1",
+                                             "--threads", "1", "--lm-reference-max", "16"])
+    assert out.exit_code == 0, out.output
+    refs = [line.split()[1] for line in out.output.splitlines() if " reference " in line]
+    assert refs == ["8", "16"]
+    out = CliRunner().invoke(bench_command, ["--lm", "8", "--lm", "16", "--memory", "linear/sum", "--repeat", "1",
+                                             "--threads", "1", "--lm-reference-max", "8"])
+    assert [line.split()[1] for line in out.output.splitlines() if " reference " in line] == ["8"]
+    res = CliRunner().invoke(bench_command, ["--lm-reference-max", "512"])
+    assert res.exit_code == 2 and "--lm-reference-max" in res.output, res.output
