@@ -49,15 +49,21 @@ while True:
     scan()
     if select.select([sys.stdin], [], [], 0.5)[0] and not os.read(sys.stdin.fileno(), 4096):
         break
-scan()
+# While they die, look again: a dying raylet, or the driver's ray.init still under way, may start processes
+# (Ray's agents) after the last look; those must get the signal before their parent dies and leaves them orphaned.
 for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
-    for p in alive():
-        try:
-            os.kill(p, sig)
-        except OSError:
-            pass
-    end = time.monotonic() + wait
-    while alive() and time.monotonic() < end:
+    end, sent = time.monotonic() + wait, set()
+    while True:
+        scan()
+        for p in alive():
+            if p not in sent:
+                sent.add(p)
+                try:
+                    os.kill(p, sig)
+                except OSError:
+                    pass
+        if not alive() or time.monotonic() >= end:
+            break
         time.sleep(0.05)
 """
 

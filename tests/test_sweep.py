@@ -61,11 +61,20 @@ def test_process_pool_gives_the_same_numbers_as_inline_and_reports_progress(tmp_
 
 def _dying_job(cfg, progress_queue=None):
     """A job that kills its worker: once for the run named by RB_TEST_DIE_ONCE, every time for RB_TEST_DIE_ALWAYS.
-    Module-level, so that the pool's workers can import it; the workers inherit the environment."""
+    Module-level, so that the pool's workers can import it; the workers inherit the environment.
+
+    RB_TEST_DIE_ALWAYS dies only once RB_TEST_DIE_ONCE's marker is there: started together, the two would race,
+    and were `always` to break the pool first, the pool would kill `once`'s worker before it left its marker, and
+    `once` would then die a second time, alone (one start more than the test counts). The wait is bounded, so a
+    driver that never starts `once` fails the test instead of hanging it."""
     from retrieval_bench.executors import as_run, execute
 
     rid = as_run(cfg).run_id
     if rid == os.environ["RB_TEST_DIE_ALWAYS"]:
+        once_died = Path(os.environ["RB_TEST_MARKERS"]) / f"{os.environ['RB_TEST_DIE_ONCE']}.died"
+        deadline = time.monotonic() + 300
+        while not once_died.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         os._exit(1)
     if rid == os.environ["RB_TEST_DIE_ONCE"]:
         marker = Path(os.environ["RB_TEST_MARKERS"]) / f"{rid}.died"

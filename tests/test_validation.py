@@ -482,6 +482,19 @@ def _processes_using(folder: str) -> list[int]:
     return found
 
 
+def _runs_on_workers(folder: str) -> bool:
+    """Whether a process of the Ray instance using ``folder`` runs a task of a sweep (Ray titles a worker's
+    process after the task it runs: ``ray::retrieval-bench-run``)."""
+    for pid in _processes_using(folder):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::retrieval-bench-run"):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def _wait_gone(folder: str, timeout: float = 30.0) -> list[int]:
     end = time.monotonic() + timeout
     while (left := _processes_using(folder)) and time.monotonic() < end:
@@ -548,10 +561,15 @@ def test_ctrl_c_while_ray_starts_exits_130_and_leaves_no_process(ray_cli):
 def test_killed_driver_takes_its_ray_instance_down(ray_cli):
     proc, ray_tmp = ray_cli("--set", "train.max_steps=1000000", "--set", "train.eval_every=100000")
     end = time.monotonic() + 120
-    while len(_processes_using(ray_tmp)) < 3 and time.monotonic() < end:  # the instance and its agents are up
+    while len(_processes_using(ray_tmp)) < 3 and time.monotonic() < end:  # the instance is starting
         time.sleep(0.5)
     assert len(_processes_using(ray_tmp)) >= 3, "Ray did not start"
-    time.sleep(2)  # the runs are on the workers
+    # the runs are on the workers: a task's process is titled after it. Not a fixed pause: three processes are
+    # up seconds before Ray's agents and workers start, and a kill then would land amid Ray's start-up
+    end = time.monotonic() + 120
+    while not _runs_on_workers(ray_tmp) and time.monotonic() < end:
+        time.sleep(0.5)
+    assert _runs_on_workers(ray_tmp), "no run reached a Ray worker"
     proc.kill()
     proc.wait()
     assert _wait_gone(ray_tmp) == []
