@@ -495,11 +495,23 @@ def _runs_on_workers(folder: str) -> bool:
     return False
 
 
-def _wait_gone(folder: str, timeout: float = 30.0) -> list[int]:
+def _wait_gone(folder: str, timeout: float = 30.0) -> list[str]:
+    """The processes still using ``folder`` after up to ``timeout`` s, each as "pid (ppid P): command line"."""
     end = time.monotonic() + timeout
     while (left := _processes_using(folder)) and time.monotonic() < end:
         time.sleep(0.5)
-    return left
+    return [_describe(pid) for pid in left]
+
+
+def _describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            ppid = f.read().rsplit(b")", 1)[1].split()[1].decode()
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} (ppid {ppid}): {cmd}"
 
 
 @pytest.fixture
