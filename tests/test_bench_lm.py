@@ -61,3 +61,17 @@ def test_bench_lm_runs_the_reference_loops_up_to_the_length_asked():
     assert [line.split()[1] for line in out.output.splitlines() if " reference " in line] == ["8"]
     res = CliRunner().invoke(bench_command, ["--lm-reference-max", "512"])
     assert res.exit_code == 2 and "--lm-reference-max" in res.output, res.output
+
+
+def test_the_causal_op_script_times_each_fast_form_beside_its_reference_loop():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "causal_op_bench.py"), "--seq-len", "8",
+                          "--batch", "2", "--width", "4", "--repeat", "1", "linear/delta", "softmax"],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": ""}, check=True)
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["linear/delta", "softmax"]
+    assert all("fast" in line and "reference / fast" in line for line in lines)
