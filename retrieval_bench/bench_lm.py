@@ -47,7 +47,7 @@ class _Forms:
 
     def __init__(self, spec: str, seq_len: int, *, batch_size: int, d_model: int, n_layers: int, n_heads: int,
                  vocab_size: int, reference: bool, device: torch.device, group: int):
-        self.spec, self.seq_len = spec, seq_len
+        self.spec = spec
         self.fam = LMFamily()
 
         def build(seed):
@@ -67,6 +67,7 @@ class _Forms:
         self.names = names
         self.times: dict[str, list[float]] = {name: [] for name in names}
         self.losses: dict[str, list[float]] = {name: [] for name in names}
+        self.peaks: dict[str, float | None] = {}
 
     def step(self, name: str, batch) -> None:
         if name.startswith("group of "):  # every run on the same batch: the data does not change the work
@@ -89,7 +90,6 @@ def _time_forms(forms: list[_Forms], seq_len: int, *, batch_size: int, vocab_siz
     task = make_task("mqar", vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=max(1, seq_len // 8))
     gen = torch.Generator().manual_seed(0)
     batches = [to_device(task.sample(batch_size, gen), device) for _ in range(repeat + 1)]
-    peaks: dict[tuple[str, str], float | None] = {}
     with torch_threads(threads):
         for i, batch in enumerate(batches):
             for f in forms:
@@ -100,8 +100,7 @@ def _time_forms(forms: list[_Forms], seq_len: int, *, batch_size: int, vocab_siz
                         f.times[name].append(t.seconds * 1e3)
         for f in forms:
             for name in f.names:
-                peaks[f.spec, name] = peak_memory_increase_mb(lambda f=f, name=name: f.step(name, batches[-1]),
-                                                              device)
+                f.peaks[name] = peak_memory_increase_mb(lambda f=f, name=name: f.step(name, batches[-1]), device)
     from datetime import UTC, datetime
 
     from ._version import __version__
@@ -114,7 +113,7 @@ def _time_forms(forms: list[_Forms], seq_len: int, *, batch_size: int, vocab_siz
         d_model, n_heads = f.models["fast"].d_model, f.models["fast"].n_heads
         rows += [{"memory": f.spec, "task": "mqar", "seq_len": seq_len, "form": name, "threads": threads,
                   "batch_size": batch_size, "d_key": d_model // n_heads,
-                  "ms_step": statistics.median(f.times[name]), "peak_mb": peaks[f.spec, name],
+                  "ms_step": statistics.median(f.times[name]), "peak_mb": f.peaks[name],
                   "max_diff": None if name.startswith("group") else diff, "status": "ok", "version": __version__,
                   "measured_at": when, "device": f"{device} ({device_name(device)})"} for name in f.names]
     return rows
