@@ -169,6 +169,7 @@ class RayExecutor(Executor):
         self._reaper: subprocess.Popen | None = None
         self._pending: dict[Any, dict[str, Any]] = {}
         self._progress_actor = None
+        self._drain_ref = None  # a drain call that did not answer in time: its events are read next time
         self._warned_version = False
 
     # -- connection ------------------------------------------------------------------------------------------
@@ -360,10 +361,16 @@ class RayExecutor(Executor):
         that ended, streamed before the group's task returns)."""
         if self._progress_actor is None or on_progress is None:
             return []
-        try:
-            events = ray.get(self._progress_actor.drain.remote(), timeout=10)
-        except (RayError, GetTimeoutError):  # the live view misses some steps; the runs are unaffected
+        if self._drain_ref is None:
+            self._drain_ref = self._progress_actor.drain.remote()
+        try:  # a call that times out keeps its reference: the events it took from the actor come next time
+            events = ray.get(self._drain_ref, timeout=10)
+        except GetTimeoutError:
             return []
+        except RayError:  # the actor is gone: the live view misses some steps; the runs are unaffected
+            self._drain_ref = None
+            return []
+        self._drain_ref = None
         results = []
         for event in events:
             if "result" in event:
@@ -387,7 +394,7 @@ class RayExecutor(Executor):
                 ray.kill(self._progress_actor)
             except Exception as e:
                 log.debug("could not stop the progress actor: %s", e)
-            self._progress_actor = None
+            self._progress_actor = self._drain_ref = None
 
     def close(self) -> None:
         """Stop what is still running, then end this process's Ray session if this executor began it.

@@ -293,3 +293,39 @@ def test_auto_is_read_as_the_device_setting_reads_it():
     cfg = RunConfig.from_dict({"experiment": "x", "seed": 1, "task": {"name": "capacity", "num_keys": 4},
                                "model": {"memory": "softmax", "d_key": 4}, "train": {"device": " AUTO "}})
     assert on_cpu_unless_given_gpus(cfg, 0.0).train.device == "cpu"
+
+
+def test_a_slow_progress_drain_loses_no_events(monkeypatch):
+    """A drain that does not answer within its time-out is read on the next call, not called again: the events it
+    took from the progress actor (a group's finished records among them) still arrive."""
+    pytest.importorskip("ray")
+    from ray.exceptions import GetTimeoutError
+
+    from retrieval_bench import ray_executor
+    from retrieval_bench.ray_executor import RayExecutor
+
+    class Actor:
+        def __init__(self):
+            self.calls = 0
+            self.drain = types.SimpleNamespace(remote=self._remote)
+
+        def _remote(self):
+            self.calls += 1
+            return f"ref{self.calls}"
+
+    answers = {"ref1": [[{"step": 1}, {"result": {"run_id": "a"}}], None]}  # ref1 times out once, then answers
+
+    def get(ref, timeout=None):
+        pending = answers[ref]
+        if pending[-1] is None:
+            pending.pop()
+            raise GetTimeoutError("slow")
+        return pending[0]
+
+    monkeypatch.setattr(ray_executor, "ray", types.SimpleNamespace(get=get))
+    ex = RayExecutor()
+    ex._progress_actor = actor = Actor()
+    seen = []
+    assert ex._drain(seen.append) == [] and seen == []
+    assert ex._drain(seen.append) == [{"run_id": "a"}] and seen == [{"step": 1}]
+    assert actor.calls == 1  # the timed-out call was awaited again, not replaced
