@@ -21,7 +21,7 @@ from .families import to_device
 from .families.lm import LMFamily
 from .group import stacked_step
 from .lm import CausalLM, lm
-from .runtime import device_name, peak_memory_increase_mb, resolve_device, timed
+from .runtime import device_name, peak_memory_increase_mb, resolve_device, timed, tune_malloc
 from .runtime import threads as torch_threads
 from .tasks import task as make_task
 
@@ -126,14 +126,20 @@ def lm_step_ms(spec: str, seq_len: int, **kw) -> list[dict]:
 
 def run_lm_bench(memories: list[str], seq_lens: list[int], *, reference_max_len: int = 256, batch_size: int = 64,
                  d_model: int = 128, n_layers: int = 2, n_heads: int = 2, vocab_size: int = 512, threads: int = 2,
-                 repeat: int = 3, device: str | torch.device = "cpu", group: int = 0) -> list[dict]:
+                 repeat: int = 3, device: str | torch.device = "cpu", group: int = 0,
+                 malloc_tuned: bool = True) -> list[dict]:
     """Rows, one per memory, length and form: ms per training step (median), peak MB, and the largest
     difference between the fast and reference forms' losses. At each length every memory's forms alternate
     step by step in one process, so the memories can be compared with each other as well as with their
     reference loops. ``reference_max_len``: the longest T with a reference loop. ``device`` as
     ``bench.run_bench``'s: on a GPU the steps are timed to the end of their kernels and the peak is of allocated
-    device memory. ``group`` > 1 adds the form ``group of N``: a step of N runs trained as one stacked model."""
+    device memory. ``group`` > 1 adds the form ``group of N``: a step of N runs trained as one stacked model.
+    ``malloc_tuned``: call ``tune_malloc()`` first, as the sweep's workers do (a process-wide setting), so that
+    the steps are timed as runs train; without it glibc maps and unmaps every large tensor afresh, and the page
+    faults cost the recurrent memories' steps, which hold more large tensors, more than softmax's."""
     device = resolve_device(device, "--device")
+    if malloc_tuned:
+        tune_malloc()
     memories = list(dict.fromkeys(memories))  # a memory named twice is timed once
     rows = []
     for T in seq_lens:

@@ -4,7 +4,8 @@ y.square().sum(), from the same inputs, alternating in one process; CPU time, me
 
     PYTHONPATH=. python scripts/causal_op_bench.py --seq-len 256 --seq-len 1024 linear/sum linear/delta
 
-B·H = 128 sequences (B = 64, 2 heads), keys, values and queries of width 64, one thread by default.
+B·H = 128 sequences (B = 64, 2 heads), keys, values and queries of width 64, one thread by default; glibc's
+allocator tuned as the sweep's workers tune it (``runtime.tune_malloc``) unless ``--default-malloc``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is")
     args = ap.parse_args()
+    if not args.default_malloc:
+        rb.runtime.tune_malloc()
     torch.set_num_threads(args.threads)
     for T in args.seq_len or [256]:
         for spec in args.memories:

@@ -75,3 +75,17 @@ def test_the_causal_op_script_times_each_fast_form_beside_its_reference_loop():
     lines = out.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["linear/delta", "softmax"]
     assert all("fast" in line and "reference / fast" in line for line in lines)
+
+
+def test_the_lm_bench_tunes_the_allocator_as_the_sweep_workers_do(monkeypatch):
+    """Steps are timed as runs train: the sweep's workers call ``tune_malloc`` before training, and so does the
+    language-model bench unless told not to."""
+    from retrieval_bench import bench_lm
+
+    calls = []
+    monkeypatch.setattr(bench_lm, "tune_malloc", lambda: calls.append(1) or True)
+    kw = dict(reference_max_len=0, batch_size=2, d_model=8, n_layers=1, n_heads=1, vocab_size=32, threads=1, repeat=1)
+    bench_lm.run_lm_bench(["linear/sum"], [8], **kw)
+    assert calls == [1]
+    bench_lm.run_lm_bench(["linear/sum"], [8], malloc_tuned=False, **kw)
+    assert calls == [1]
