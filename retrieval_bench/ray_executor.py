@@ -361,16 +361,15 @@ class RayExecutor(Executor):
         that ended, streamed before the group's task returns)."""
         if self._progress_actor is None or on_progress is None:
             return []
-        if self._drain_ref is None:
-            self._drain_ref = self._progress_actor.drain.remote()
-        try:  # a call that times out keeps its reference: the events it took from the actor come next time
-            events = ray.get(self._drain_ref, timeout=10)
-        except GetTimeoutError:
+        ref = self._progress_actor.drain.remote() if self._drain_ref is None else self._drain_ref
+        self._drain_ref = None
+        try:
+            events = ray.get(ref, timeout=10)
+        except GetTimeoutError:  # kept: the events this call took from the actor are read on the next poll
+            self._drain_ref = ref
             return []
         except RayError:  # the actor is gone: the live view misses some steps; the runs are unaffected
-            self._drain_ref = None
             return []
-        self._drain_ref = None
         results = []
         for event in events:
             if "result" in event:
