@@ -132,6 +132,24 @@ def test_the_lm_report_takes_the_best_learning_rate_and_draws_its_figures(tmp_pa
     assert set(table["memory"]) == {"softmax", "linear/sum"}
 
 
+def test_the_accuracy_table_has_a_row_per_memory_and_width_and_its_points_in_order():
+    """Softmax's state (its KV cache) grows with the length: it still takes one row per width, with its state's
+    range; the points read by length, 64 before 128 and 256, not as text."""
+    rows = []
+    for T in (256, 64, 128):
+        for memory, d_dot, state in (("softmax", math.nan, 2 * 32 * T), ("linear/sum", 32, 32 * 33)):
+            for lr, acc in ((1e-2, 0.5), (3e-3, 0.9 if T == 256 else 0.1)):
+                rows.append({"memory": memory, "d_model": 32, "num_keys": T // 16, "seq_len": T, "lr": lr,
+                             "seed": 1, "status": "done", "final_acc": acc, "state_size": state, "d_dot": d_dot})
+    table = report_lm.accuracy_by_state_table(pd.DataFrame(rows))
+    assert list(table.columns) == ["memory", "d_model", "state_size", "T=64, pairs=4", "T=128, pairs=8",
+                                   "T=256, pairs=16"]
+    assert list(table["memory"]) == ["linear/sum", "softmax"]
+    assert list(table["state_size"]) == ["1056", "4096-16384"]
+    for _, row in table.iterrows():  # each point at its best rate
+        assert row.iloc[3:].tolist() == [0.5, 0.5, 0.9]
+
+
 def test_an_lm_report_pools_its_learning_rates_and_widths():
     """The language model's report takes each point's best learning rate and plots by width: runs that differ in
     them share one report. The retrieval report has neither axis, and reports such runs apart."""

@@ -135,17 +135,25 @@ def layers_figure(runs: pd.DataFrame, diagnostics: pd.DataFrame) -> Figure:
 
 
 def accuracy_by_state_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """The headline numbers: per memory and d_model (rows), the best-lr accuracy per (T, pairs) (columns), with
-    the state size."""
+    """The headline numbers: per memory and d_model (rows), the best-lr accuracy per (T, pairs) (columns, by
+    length then pairs), with the state size in floats; where it depends on the length (softmax's KV cache), the
+    range over the columns, as text."""
     best = best_lr(runs)
     if best.empty:
         return best
-    best["point"] = [f"T={fmt(t)}, pairs={fmt(k)}" for t, k in zip(best["seq_len"], best["num_keys"], strict=True)]
-    table = best.pivot_table(index=["memory", "d_model", "state_size"], columns="point", values="acc",
-                             aggfunc="first")
+    points = sorted(set(zip(best["seq_len"], best["num_keys"], strict=True)))
+    names = {p: f"T={fmt(p[0])}, pairs={fmt(p[1])}" for p in points}
+    best["point"] = [names[p] for p in zip(best["seq_len"], best["num_keys"], strict=True)]
+    table = best.pivot_table(index=["memory", "d_model"], columns="point", values="acc", aggfunc="first")
+    table = table[[names[p] for p in points]]
+    table.columns.name = None
+    sizes = best.groupby(["memory", "d_model"])["state_size"].agg(["min", "max"])
+    state = [fmt(lo) if lo == hi or pd.isna(lo) else f"{fmt(lo)}-{fmt(hi)}"
+             for lo, hi in zip(sizes["min"], sizes["max"], strict=True)]
+    table.insert(0, "state_size", pd.Series(state, index=sizes.index).reindex(table.index))
     order = {m: i for i, m in enumerate(memory_order(runs))}
     return table.reset_index().sort_values(["memory", "d_model"], key=lambda s: s.map(order)
-                                           if s.name == "memory" else s)
+                                           if s.name == "memory" else s).reset_index(drop=True)
 
 
 def best_lr_table(runs: pd.DataFrame) -> pd.DataFrame:
