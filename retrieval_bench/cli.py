@@ -183,12 +183,12 @@ def _final_table(st, experiment: str, console: Console) -> None:
 
     if is_lm(runs):
         pivot = accuracy_by_state_table(runs).set_index(["memory", "d_model", "state_size"])
-        title = f"query accuracy ({escape(experiment)}; best lr, median over seeds; rows: memory, d_model, state)"
+        title, first = f"{escape(experiment)}: query accuracy (best lr, median over seeds)", "memory d_model state"
     else:
         pivot = final_loss_table(runs)
-        title = f"final eval loss ({escape(experiment)}; median over seeds; columns: number of keys S)"
-    table = Table(title=title)
-    table.add_column("memory", no_wrap=True)
+        title, first = f"{escape(experiment)}: final eval loss (median over seeds)", "memory \\ keys S"
+    table = Table()
+    table.add_column(first, no_wrap=True)
     for col in pivot.columns:
         table.add_column(escape(str(col)), justify="right", no_wrap=True)
     for mem, row in pivot.iterrows():
@@ -196,7 +196,9 @@ def _final_table(st, experiment: str, console: Console) -> None:
         table.add_row(escape(name), *("-" if v != v else f"{v:.3f}" if is_lm(runs) else f"{v:.1e}"
                                       for v in row.values))
     # A pipe or a narrow terminal would squeeze the numbers into ellipses: size the table to its content.
-    Console(width=max(Console().width, 30 + 11 * len(pivot.columns))).print(table)
+    wide = Console(width=max(Console().width, 30 + 11 * len(pivot.columns)))
+    wide.print(title, style="italic")  # above the table, not its title: a title wraps at the table's width
+    wide.print(table)
 
 
 def _report(store: str, experiment: str | None, out: str, console: Console) -> None:

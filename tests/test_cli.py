@@ -41,6 +41,7 @@ def test_run_writes_store_table_and_report(tiny, tmp_path, fake_save):
     res = CliRunner().invoke(main, ["run", str(tiny), "--store", str(store), "--workers", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "final eval loss" in res.output and "linear/sum" in res.output
+    assert any(line.strip() == "tiny: final eval loss (median over seeds)" for line in res.output.splitlines())
     assert (out / "tiny" / "report.md").is_file()
     res2 = CliRunner().invoke(main, ["run", str(tiny), "--store", str(store), "--workers", "1", "--no-report"])
     assert res2.exit_code == 0 and "0 runs to do, 4 already stored" in res2.output
