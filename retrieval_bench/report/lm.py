@@ -141,11 +141,10 @@ def accuracy_by_state_table(runs: pd.DataFrame) -> pd.DataFrame:
     best = best_lr(runs)
     if best.empty:
         return best
-    points = sorted(set(zip(best["seq_len"], best["num_keys"], strict=True)))
-    names = {p: f"T={fmt(p[0])}, pairs={fmt(p[1])}" for p in points}
-    best["point"] = [names[p] for p in zip(best["seq_len"], best["num_keys"], strict=True)]
+    best["point"] = [f"T={fmt(t)}, pairs={fmt(k)}" for t, k in zip(best["seq_len"], best["num_keys"], strict=True)]
     table = best.pivot_table(index=["memory", "d_model"], columns="point", values="acc", aggfunc="first")
-    table = table[[names[p] for p in points]]
+    points = best.sort_values(["seq_len", "num_keys"], na_position="last")["point"].drop_duplicates()
+    table = table[[p for p in points if p in table.columns]]
     table.columns.name = None
     sizes = best.groupby(["memory", "d_model"])["state_size"].agg(["min", "max"])
     state = [fmt(lo) if lo == hi or pd.isna(lo) else f"{fmt(lo)}-{fmt(hi)}"
