@@ -181,7 +181,8 @@ def _final_table(st, experiment: str, console: Console) -> None:
     from .report import final_loss_table
     from .report.lm import accuracy_by_state_table, is_lm
 
-    if is_lm(runs):
+    lm_runs = is_lm(runs)
+    if lm_runs:
         pivot = accuracy_by_state_table(runs).set_index(["memory", "d_model", "state_size"])
         title, first = f"{escape(experiment)}: query accuracy (best lr, median over seeds)", "memory d_model state"
     else:
@@ -193,7 +194,7 @@ def _final_table(st, experiment: str, console: Console) -> None:
         table.add_column(escape(str(col)), justify="right", no_wrap=True)
     for mem, row in pivot.iterrows():
         name = " ".join(map(str, mem)) if isinstance(mem, tuple) else str(mem)
-        table.add_row(escape(name), *("-" if v != v else f"{v:.3f}" if is_lm(runs) else f"{v:.1e}"
+        table.add_row(escape(name), *("-" if v != v else f"{v:.3f}" if lm_runs else f"{v:.1e}"
                                       for v in row.values))
     # A pipe or a narrow terminal would squeeze the numbers into ellipses: size the table to its content.
     wide = Console(width=max(Console().width, 30 + 11 * len(pivot.columns)))
